@@ -1,0 +1,197 @@
+"""Command line: `quantize` (the main job) and `quant` (eval, info, quantize).
+
+Thin by design: arguments -> config dataclasses -> one library call. Library errors
+(`LowbitError`) become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from quant.errors import LowbitError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage too by default)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# ---- quantize ----------------------------------------------------------------------------
+
+def _method_fields():
+    """(name, type, default, help) of every option of every registered method, first wins."""
+    from quant.methods import METHODS
+
+    fields = {}
+    for cls in METHODS.values():
+        hints = typing.get_type_hints(cls.Config)
+        for f in dataclasses.fields(cls.Config):
+            if f.name not in fields:
+                kind = hints[f.name]
+                args = [a for a in typing.get_args(kind) if a is not type(None)]
+                fields[f.name] = (args[0] if args else kind, f.metadata.get("help", ""))
+    return fields
+
+
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    from quant.data import CalibConfig
+    from quant.methods import METHODS
+
+    p.add_argument("model", nargs="?", help="demo alias (default smollm2-135m), local "
+                   "directory, or hub id (when online)")
+    p.add_argument("--method", default="rtn", help=f"one of {', '.join(sorted(METHODS))} (default rtn)")
+    group = p.add_argument_group("method options (defaults depend on the method)")
+    for name, (kind, help_text) in _method_fields().items():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+    calib = p.add_argument_group("calibration")
+    calib.add_argument("--calib", default=CalibConfig.dataset,
+                       help="wiki-demo | wikitext2 | c4 | redpajama | PATH (.txt/.jsonl/.parquet)")
+    calib.add_argument("--nsamples", type=int, default=None,
+                       help="calibration windows (default: the method's, 128 for most)")
+    calib.add_argument("--seqlen", type=int, default=CalibConfig.seqlen)
+    calib.add_argument("--seed", type=int, default=CalibConfig.seed)
+    p.add_argument("--out", type=Path, default=None,
+                   help="checkpoint directory (default ./MODEL-METHOD-BITSbit)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading a pickle (.bin) source checkpoint")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the perplexity of the fp and quantized models on wiki-demo")
+
+
+def run_quantize(args) -> int:
+    from quant.data import CalibConfig
+    from quant.eval.evaluate import evaluate_ppl, record
+    from quant.methods import get_method
+    from quant.pipeline import QuantizeJob, quantize, resolve_device
+
+    method_cls = get_method(args.method)
+    options = {name: getattr(args, name) for name in _method_fields()
+               if getattr(args, name) is not None}
+    nsamples = args.nsamples or getattr(method_cls, "default_nsamples", CalibConfig.nsamples)
+    job = QuantizeJob(
+        method=args.method, method_options=options, model=args.model,
+        calib=CalibConfig(args.calib, nsamples, args.seqlen, args.seed), out=args.out,
+        overwrite=args.overwrite, resume=args.resume, device=args.device,
+        allow_pickle=args.allow_pickle)
+    out = quantize(job)
+    report = json.loads((out / "quant_report.json").read_text())
+    totals = report["totals"]
+    print(f"checkpoint: {out}  ({totals['quantized_layers']} layers, "
+          f"{totals['bits_per_weight']:.3f} bits/weight, "
+          f"{totals['bytes_on_disk'] / 2**20:.1f} MiB, {report['quantize_seconds']:.0f} s)")
+    if not args.no_eval:
+        device = resolve_device(args.device)
+        fp = evaluate_ppl(args.model, device=device)
+        q = evaluate_ppl(str(out), device=device)
+        record(out, fp)
+        print(f"perplexity wiki-demo (seqlen {q['seqlen']}, {q['windows']} windows): "
+              f"fp {fp['ppl']:.3f} -> quantized {q['ppl']:.3f}")
+    print(f"load it with: quant.load({str(out)!r})")
+    return 0
+
+
+# ---- eval / info -------------------------------------------------------------------------
+
+def add_eval_args(p):
+    p.add_argument("model", help="checkpoint directory, local model or demo alias")
+    p.add_argument("--ppl", default="wiki-demo", help="wiki-demo | wikitext2 | c4 | PATH")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--output", type=Path, help="also write the JSON result here")
+    p.add_argument("--allow-pickle", action="store_true")
+
+
+def run_eval(args) -> int:
+    from quant.eval.evaluate import evaluate_ppl
+    from quant.pipeline import resolve_device
+
+    if args.seqlen < 2 or args.batch_size < 1:
+        raise LowbitError("--seqlen must be at least 2 and --batch-size at least 1")
+    result = evaluate_ppl(args.model, args.ppl, args.seqlen, resolve_device(args.device),
+                          args.batch_size, allow_pickle=args.allow_pickle)
+    text = json.dumps(result, indent=2)
+    if args.output:
+        args.output.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def add_info_args(p):
+    p.add_argument("directory", type=Path, help="lowbit checkpoint directory")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run_info(args) -> int:
+    from quant.info import describe, render
+
+    summary = describe(args.directory)
+    print(json.dumps(summary, indent=2) if args.json else render(summary))
+    return 0
+
+
+# ---- entry points ------------------------------------------------------------------------
+
+COMMANDS = {
+    "quantize": (add_quantize_args, run_quantize, "quantize a model into a lowbit checkpoint"),
+    "eval": (add_eval_args, run_eval, "perplexity of a checkpoint or fp model (JSON)"),
+    "info": (add_info_args, run_info, "per-layer formats, bits per weight and size"),
+}
+
+
+def _run(fn, args) -> int:
+    try:
+        return fn(args)
+    except LowbitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted (an unfinished quantize run can be continued with --resume)",
+              file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory; lower --nsamples or --seqlen, or use a machine with "
+              "more memory", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            print("error: out of GPU memory; lower --nsamples or --seqlen, or use --device cpu",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+def quantize_main(argv=None) -> int:
+    parser = _Parser(prog="quantize", description=COMMANDS["quantize"][2])
+    add_quantize_args(parser)
+    return _run(run_quantize, parser.parse_args(argv))
+
+
+def main(argv=None) -> int:
+    parser = _Parser(prog="quant", description="lowbit: quantize, evaluate and inspect LLMs")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (add_args, _, help_text) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    return _run(COMMANDS[args.command][1], args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

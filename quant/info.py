@@ -1,0 +1,69 @@
+"""`quant info`: what a checkpoint holds, layer by layer, and what it costs on disk."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from quant import checkpoint
+from quant.formats import format_class, stored_bits
+
+
+def _header_tensors(path: Path) -> dict[str, dict]:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def describe(directory: Path) -> dict:
+    directory = Path(directory)
+    checkpoint.verify(directory, checksums=False)
+    qc = checkpoint.read_quant_config(directory)
+    report = checkpoint.read_report(directory)
+    shapes = {name: r["shape"] for name, r in report.get("layers", {}).items()}
+    layers, quant_bits, quant_weights = [], 0, 0
+    for name, config in qc["modules"].items():
+        entry = {"name": name, **config}
+        if name in shapes:
+            out_features, in_features = shapes[name]
+            bits = stored_bits(format_class(config).tensor_specs(out_features, in_features, config))
+            entry.update(shape=shapes[name], bits_per_weight=bits / (out_features * in_features))
+            quant_bits, quant_weights = quant_bits + bits, quant_weights + out_features * in_features
+        if "rel_output_mse" in report.get("layers", {}).get(name, {}):
+            entry["rel_output_mse"] = report["layers"][name]["rel_output_mse"]
+        layers.append(entry)
+
+    files = checkpoint.weight_files(directory)
+    on_disk = sum(f.stat().st_size for f in files)
+    other_params = sum(math.prod(t["shape"]) for f in files for name, t in _header_tensors(f).items()
+                       if name.rsplit(".", 1)[0] not in qc["modules"])
+    return {"directory": str(directory), "method": report.get("method"),
+            "quantized_layers": len(layers), "layers": layers,
+            "quantized_bits_per_weight": quant_bits / quant_weights if quant_weights else None,
+            "model_bits_per_weight": 8 * on_disk / (quant_weights + other_params)
+            if quant_weights else None,
+            "parameters": quant_weights + other_params, "bytes_on_disk": on_disk,
+            "files": [f.name for f in files]}
+
+
+def render(summary: dict) -> str:
+    rows = [f"{'layer':<44} {'format':<6} {'bits':>4} {'group':>6} {'sym':>5} {'act':>5} "
+            f"{'bpw':>7} {'out_mse':>9}"]
+    for layer in summary["layers"]:
+        mse = layer.get("rel_output_mse")
+        rows.append(
+            f"{layer['name']:<44} {layer['format']:<6} {layer.get('bits', '-'):>4} "
+            f"{layer.get('group_size', '-'):>6} {str(layer.get('sym', '-')):>5} "
+            f"{str(layer.get('act_order', '-')):>5} {layer.get('bits_per_weight', float('nan')):>7.3f} "
+            f"{'-' if mse is None else format(mse, '.2e'):>9}")
+    q_bpw, m_bpw = summary["quantized_bits_per_weight"], summary["model_bits_per_weight"]
+    rows += ["",
+             f"method: {summary['method']}   quantized layers: {summary['quantized_layers']}",
+             f"bits per weight: {q_bpw:.3f} in quantized layers, {m_bpw:.3f} over all "
+             f"{summary['parameters'] / 1e6:.1f}M parameters" if q_bpw else "bits per weight: unknown",
+             f"size on disk: {summary['bytes_on_disk'] / 2**20:.1f} MiB in "
+             f"{', '.join(summary['files'])}"]
+    return "\n".join(rows)

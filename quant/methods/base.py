@@ -1,0 +1,50 @@
+"""The method registry: a quantization method turns (weight, statistics) into a format.
+
+Methods register by name; third-party ones through the entry-point group
+`lowbit.methods` (each entry point names a method class). A method declares the
+statistics it needs and never runs the model: the pipeline does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from importlib.metadata import entry_points
+
+from quant.errors import ConfigError
+
+METHODS: dict[str, type] = {}
+
+
+def register_method(name: str):
+    def add(cls):
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is already registered")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return add
+
+
+def _load_entry_points() -> None:
+    for ep in entry_points(group="lowbit.methods"):
+        if ep.name not in METHODS:
+            METHODS[ep.name] = ep.load()
+
+
+def get_method(name: str) -> type:
+    if name not in METHODS:
+        _load_entry_points()
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r} (choose from {', '.join(sorted(METHODS))})")
+    return METHODS[name]
+
+
+def make_method(name: str, **options):
+    """A configured method instance; unknown or invalid options raise ConfigError."""
+    cls = get_method(name)
+    known = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        flags = ", ".join("--" + u.replace("_", "-") for u in unknown)
+        raise ConfigError(f"{flags} does not apply to method {name}")
+    return cls(cls.Config(**options).validate())

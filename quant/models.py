@@ -1,0 +1,84 @@
+"""Finding and loading the full-precision model a user names: a demo alias, a local
+directory, or a hub id (only when the hub is reachable)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from quant import assets
+from quant.errors import ModelError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def resolve(spec: str | None) -> Path:
+    """Local directory holding the model `spec` names (downloading/converting if needed)."""
+    spec = spec or assets.DEFAULT_MODEL
+    if spec in assets.MODELS:
+        return assets.model_dir(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{spec} is not a Hugging Face model directory (no config.json)")
+        return path
+    if not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
+        raise ModelError(f"model path {spec} does not exist")
+    return _from_hub(spec)
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:  # offline, unknown repo, gated, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"{repo_id} is not a local directory, not a demo model "
+            f"({', '.join(assets.MODELS)}), and could not be fetched from the model hub "
+            f"(offline or unknown id: {reason[:160]})") from None
+
+
+def check_weights(path: Path, allow_pickle: bool) -> None:
+    """Refuse directories whose only weights are pickle files (they can run code on load)."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = [name for name in PICKLE_WEIGHTS if (path / name).exists()]
+    if pickles and not allow_pickle:
+        raise ModelError(
+            f"{path} holds only a pickle checkpoint ({pickles[0]}), which can run arbitrary code "
+            "when loaded; convert it to safetensors or pass --allow-pickle if you trust it")
+    if not pickles:
+        raise ModelError(f"{path} has no model weights (*.safetensors)")
+
+
+def load_fp(path: Path, dtype, allow_pickle: bool = False):
+    """(model, tokenizer) in full precision on the CPU, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    check_weights(path, allow_pickle)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=not allow_pickle or None)
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc) or "does not recognize" in str(exc):
+            raise ModelError(f"{path}: unsupported architecture for causal LM quantization "
+                             f"({str(exc).splitlines()[0][:160]})") from None
+        raise
+    return model.eval(), load_tokenizer(path)
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: no usable tokenizer ({str(exc).splitlines()[0][:160]})") from None
