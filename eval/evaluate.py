@@ -27,8 +27,8 @@ def load_model(spec: str | None, device: torch.device, allow_pickle: bool = Fals
     if path is not None and path.is_dir() and checkpoint.is_lowbit_checkpoint(path):
         return quant.load(path, device=device, dtype=dtype), models.load_tokenizer(path), True
     source = models.resolve(spec)
-    model, tokenizer = models.load_fp(source, dtype, allow_pickle)
-    return model.to(device), tokenizer, False
+    model = models.load_fp(source, dtype, allow_pickle)
+    return model.to(device), models.load_tokenizer(source), False
 
 
 def evaluate_ppl(spec: str | None, dataset: str = "wiki-demo", seqlen: int = 512,

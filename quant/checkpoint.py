@@ -182,22 +182,27 @@ class Staging:
         self.root = self.out.parent / f".{self.out.name}.lowbit-partial"
         self.blocks = self.root / "blocks"
 
-    def open(self, fingerprint: dict, resume: bool, overwrite: bool) -> int:
-        """Prepare the staging dir; returns how many blocks a resumed run already has."""
+    def check(self, fingerprint: dict, resume: bool, overwrite: bool) -> None:
+        """Raise ConfigError if an unfinished run is in the way (before any heavy work)."""
+        if not self.root.exists() or overwrite and not resume:
+            return
+        if not resume:
+            raise ConfigError(f"an unfinished run for {self.out} exists in {self.root}: "
+                              "pass --resume to continue it or --overwrite to start over")
         run_file = self.root / "run.json"
+        previous = json.loads(run_file.read_text()) if run_file.exists() else None
+        if previous != fingerprint:
+            raise ConfigError(f"the unfinished run in {self.root} used other settings; "
+                              "rerun with the same settings or pass --overwrite to start over")
+
+    def open(self, fingerprint: dict, resume: bool, overwrite: bool) -> int:
+        """Create (or reuse, when resuming) the staging dir; returns the blocks already done."""
+        self.check(fingerprint, resume, overwrite)
         if self.root.exists() and not resume:
-            if not overwrite:
-                raise ConfigError(f"an unfinished run for {self.out} exists in {self.root}: "
-                                  "pass --resume to continue it or --overwrite to start over")
             shutil.rmtree(self.root)
-        if self.root.exists():
-            previous = json.loads(run_file.read_text()) if run_file.exists() else None
-            if previous != fingerprint:
-                raise ConfigError(f"the unfinished run in {self.root} used other settings; "
-                                  "rerun with the same settings or pass --overwrite to start over")
-        else:
+        if not self.root.exists():
             self.blocks.mkdir(parents=True)
-            write_json(run_file, fingerprint)
+            write_json(self.root / "run.json", fingerprint)
         return self.done_blocks()
 
     def done_blocks(self) -> int:

@@ -82,7 +82,8 @@ def run_quantize(args) -> int:
     method_cls = get_method(args.method)
     options = {name: getattr(args, name) for name in _method_fields()
                if getattr(args, name) is not None}
-    nsamples = args.nsamples or getattr(method_cls, "default_nsamples", CalibConfig.nsamples)
+    nsamples = args.nsamples if args.nsamples is not None else \
+        getattr(method_cls, "default_nsamples", CalibConfig.nsamples)
     job = QuantizeJob(
         method=args.method, method_options=options, model=args.model,
         calib=CalibConfig(args.calib, nsamples, args.seqlen, args.seed), out=args.out,

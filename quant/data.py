@@ -72,13 +72,19 @@ def wiki_demo_text() -> str:
 
 def _local_text(path: Path) -> str:
     from datasets import load_dataset
+    from datasets.utils import logging as ds_logging
 
     builder = LOCAL_SUFFIXES[path.suffix.lower()]
     options = {"sample_by": "document"} if builder == "text" else {}
+    was_enabled = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()  # a local file reads in moments; no bars
     try:
         ds = load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as exc:
         raise DataError(f"could not read {path}: {str(exc).splitlines()[0][:200]}") from None
+    finally:
+        if was_enabled:
+            ds_logging.enable_progress_bar()
     if "text" not in ds.column_names:
         raise DataError(f"{path} has no 'text' column (columns: {', '.join(ds.column_names)})")
     return "\n\n".join(t for t in ds["text"] if t)

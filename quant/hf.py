@@ -3,8 +3,9 @@
 nn.Linear for an empty QuantLinear on the meta device (parameter names equal checkpoint
 keys) and transformers loads the packed tensors into it.
 
-Relied-on hooks (tested): register_quantization_config, register_quantizer,
-HfQuantizer._process_model_before_weight_loading and get_new_dtype.
+Relied-on hooks (tested in tests/test_hf.py): register_quantization_config,
+register_quantizer and HfQuantizer._process_model_before_weight_loading; the loader keeps
+the dtypes of our empty parameters (int32 packs, fp16 scales) whatever `dtype` asks.
 """
 
 from __future__ import annotations
@@ -46,11 +47,6 @@ class LowbitHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         replace_linears(model, self.quantization_config.modules)
         return model
-
-    def get_new_dtype(self, converter, param, dtype):
-        # Packed ints and fp16 scales keep their on-disk dtypes; only plain float
-        # tensors (norms, embeddings, biases) follow the requested model dtype.
-        return super().get_new_dtype(converter, param, dtype)
 
     def is_serializable(self):
         return True

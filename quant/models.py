@@ -3,6 +3,7 @@ directory, or a hub id (only when the hub is reachable)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -59,20 +60,38 @@ def check_weights(path: Path, allow_pickle: bool) -> None:
         raise ModelError(f"{path} has no model weights (*.safetensors)")
 
 
+def skeleton(path: Path):
+    """The model built on the meta device (no weights read): for checking a plan quickly."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with _unsupported(path):
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+
+
 def load_fp(path: Path, dtype, allow_pickle: bool = False):
-    """(model, tokenizer) in full precision on the CPU, in eval mode."""
+    """The model in full precision on the CPU, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     check_weights(path, allow_pickle)
-    try:
+    with _unsupported(path):
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=not allow_pickle or None)
-    except ValueError as exc:
-        if "Unrecognized configuration class" in str(exc) or "does not recognize" in str(exc):
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _unsupported(path: Path):
+    try:
+        yield
+    except (ValueError, KeyError) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, KeyError) or "recognize" in text or "Unrecognized" in text:
             raise ModelError(f"{path}: unsupported architecture for causal LM quantization "
-                             f"({str(exc).splitlines()[0][:160]})") from None
+                             f"({text[:160]})") from None
         raise
-    return model.eval(), load_tokenizer(path)
 
 
 def load_tokenizer(path: Path):

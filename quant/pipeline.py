@@ -82,17 +82,19 @@ def quantize(job: QuantizeJob) -> Path:
 
     source = models.resolve(job.model)
     models.check_weights(source, job.allow_pickle)
-    tokenizer = models.load_tokenizer(source)
-    input_ids = calibration_windows(calib, tokenizer)
     dtype = torch.float32 if device.type == "cpu" else torch.float16
-    model, _ = models.load_fp(source, dtype, job.allow_pickle)
-    prefix, blocks = find_blocks(model)
-    plan = plan_layers(blocks, prefix, method)
-
     staging = checkpoint.Staging(out)
     fingerprint = {"source": str(source.resolve()), "method": job.method,
                    "options": dataclasses.asdict(method.config),
                    "calibration": dataclasses.asdict(calib), "dtype": str(dtype)}
+    staging.check(fingerprint, job.resume, job.overwrite)
+
+    plan_layers(*find_blocks(models.skeleton(source)), method)  # fail before loading weights
+    tokenizer = models.load_tokenizer(source)
+    input_ids = calibration_windows(calib, tokenizer)
+    model = models.load_fp(source, dtype, job.allow_pickle)
+    prefix, blocks = find_blocks(model)
+    plan = plan_layers(prefix, blocks, method)
     done = staging.open(fingerprint, job.resume, job.overwrite)
 
     inputs = capture_block_inputs(model, blocks, input_ids, max(1, job.batch_tokens // calib.seqlen))
@@ -127,7 +129,7 @@ def quantize(job: QuantizeJob) -> Path:
     return out
 
 
-def plan_layers(blocks, prefix: str, method) -> list[dict[str, torch.nn.Linear]]:
+def plan_layers(prefix: str, blocks, method) -> list[dict[str, torch.nn.Linear]]:
     """The linears of each block, checked against the method before any work starts."""
     plan = []
     for i, block in enumerate(blocks):

@@ -1,0 +1,121 @@
+"""Bad input: one clear line on stderr, exit code 2, no traceback, nothing left behind."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quant.data import CalibConfig
+from quant.pipeline import QuantizeJob, quantize
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "quant.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+def assert_user_error(proc, pattern):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert pattern in lines[0], lines[0]
+
+
+@pytest.fixture()
+def work(tmp_path):
+    return tmp_path
+
+
+def left_behind(work):
+    return sorted(p.name for p in work.iterdir() if p.name not in {"corpus.txt", "src"})
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["./no-such-model"], "does not exist"),
+    (["/definitely/not/here"], "does not exist"),
+    (["some-org/some-model"], "model hub"),
+    (["{tiny}", "--bits", "1"], "--bits 1 is not supported"),
+    (["{tiny}", "--bits", "7"], "--bits 7 is not supported"),
+    (["{tiny}", "--bits", "9"], "--bits 9 is not supported"),
+    (["{tiny}", "--group-size", "48"], "does not divide the input dimension 64"),
+    (["{tiny}", "--group-size", "128"], "larger than the input dimension 64"),
+    (["{tiny}", "--calib", "{short}", "--nsamples", "8"], "fewer than nsamples x seqlen"),
+    (["{tiny}", "--calib", "wikitext103"], "unknown data set"),
+    (["{tiny}", "--method", "nope"], "unknown method"),
+    (["{tiny}", "--nsamples", "0"], "--nsamples must be at least 1"),
+    (["{tiny}", "--device", "tpu"], "--device"),
+    (["{tiny}", "--bits", "four"], "invalid int value"),
+])
+def test_quantize_bad_input(work, tiny_dir, args, pattern):
+    (work / "corpus.txt").write_text("far too short for calibration")
+    args = [a.format(tiny=tiny_dir, short=work / "corpus.txt") for a in args]
+    proc = run("quantize", *args, "--out", str(work / "out"), "--no-eval", cwd=work)
+    assert_user_error(proc, pattern)
+    assert left_behind(work) == []
+
+
+def test_output_exists(work, tiny_dir):
+    (work / "out").mkdir()
+    (work / "out" / "mine.txt").write_text("keep me")
+    proc = run("quantize", str(tiny_dir), "--out", str(work / "out"), "--no-eval")
+    assert_user_error(proc, "already exists")
+    assert (work / "out" / "mine.txt").read_text() == "keep me"
+
+
+def test_pickle_source_refused_unless_opted_in(work, tiny_dir):
+    src = work / "src"
+    shutil.copytree(tiny_dir, src)
+    from safetensors.torch import load_file
+    torch.save(load_file(str(src / "model.safetensors")), src / "pytorch_model.bin")
+    (src / "model.safetensors").unlink()
+    proc = run("quantize", str(src), "--out", str(work / "out"), "--no-eval")
+    assert_user_error(proc, "pickle")
+    assert left_behind(work) == []
+    proc = run("quantize", str(src), "--out", str(work / "out"), "--no-eval", "--allow-pickle",
+               "--nsamples", "2", "--seqlen", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert (work / "out" / "model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory, tiny_dir):
+    out = tmp_path_factory.mktemp("cli") / "ckpt"
+    quantize(QuantizeJob("rtn", {"bits": 4, "group_size": 32}, str(tiny_dir),
+                         CalibConfig(nsamples=2, seqlen=64), out, progress=False))
+    return out
+
+
+def test_eval_refuses_broken_checkpoints(work, small_ckpt):
+    broken = work / "broken"
+    shutil.copytree(small_ckpt, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    assert_user_error(run("eval", str(broken)), "truncated")
+    weights.write_bytes(b"\x00" * 4)
+    assert_user_error(run("eval", str(broken)), "truncated or not a safetensors file")
+
+
+def test_eval_and_info(small_ckpt, tmp_path):
+    proc = run("eval", str(small_ckpt), "--ppl", "wiki-demo", "--seqlen", "256",
+               "--output", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["windows"] == 40 * 512 // 256 and result["quantized"] is True
+    assert result["ppl"] > 1 and json.loads((tmp_path / "r.json").read_text()) == result
+    recorded = json.loads((small_ckpt / "eval.json").read_text())
+    assert recorded[-1]["ppl"] == result["ppl"]
+
+    info = run("info", str(small_ckpt), "--json")
+    summary = json.loads(info.stdout)
+    assert summary["quantized_layers"] == 14
+    report = json.loads((small_ckpt / "quant_report.json").read_text())
+    assert summary["quantized_bits_per_weight"] == pytest.approx(
+        report["totals"]["bits_per_weight"], abs=1e-3)
+    assert summary["bytes_on_disk"] == (small_ckpt / "model.safetensors").stat().st_size
+    text = run("info", str(small_ckpt)).stdout
+    assert "model.layers.1.mlp.down_proj" in text and "bits per weight" in text
+    assert_user_error(run("info", str(tmp_path)), "not a model directory")
