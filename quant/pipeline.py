@@ -58,9 +58,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def default_out(model_spec: str | None, method: str, options: dict) -> Path:
+def default_out(model_spec: str | None, method: str, config) -> Path:
     name = Path(model_spec.rstrip("/")).name if model_spec else "smollm2-135m"
-    bits = options.get("bits")
+    bits = getattr(config, "bits", None)
     return Path(f"{name}-{method}" + (f"-{bits}bit" if bits else ""))
 
 
@@ -77,7 +77,7 @@ def quantize(job: QuantizeJob) -> Path:
     method = make_method(job.method, **job.method_options)
     calib = job.calib.validate()
     device = resolve_device(job.device)
-    out = Path(job.out or default_out(job.model, job.method, job.method_options))
+    out = Path(job.out or default_out(job.model, job.method, method.config))
     check_output(out, job.overwrite, explicit=job.out is not None)
 
     source = models.resolve(job.model)
