@@ -1,15 +1,69 @@
-"""Dispatch of quantized linear layers to an implementation (DESIGN.md §4).
+"""Dispatch of quantized linear layers (DESIGN.md §4): an explicit preference
+(`auto | torch | triton`) and a table (format, regime) -> implementation, where the
+regime is GEMV for few rows and GEMM otherwise, and the tuned data picks among the
+implementations of a regime.
 
-For now the torch reference is the only implementation: dequantize, then a dense matmul.
+`auto` runs Triton on CUDA tensors and the torch reference elsewhere; `triton` on CPU
+runs the kernels under the Triton interpreter (TRITON_INTERPRET=1, set before import).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
+
+from quant.errors import ConfigError
+from quant.kernels import reference, tuning
+
+PREFERENCES = ("auto", "torch", "triton")
 
 
-def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+@functools.cache
+def _triton_table() -> dict:
+    from quant.kernels.int_dequant import dequant_matmul
+    from quant.kernels.int_matmul import int_matmul
+
+    return {
+        ("int", "gemv"): {"fused": int_matmul},
+        ("int", "gemm"): {"fused": int_matmul, "dequant": dequant_matmul},
+    }
+
+
+def _torch_reference(fmt: str):
+    return {"int": reference.int_matmul_reference}[fmt]
+
+
+def check_preference(preference: str) -> str:
+    if preference not in PREFERENCES:
+        raise ConfigError(f"kernel preference must be one of {', '.join(PREFERENCES)} "
+                          f"(got {preference!r})")
+    return preference
+
+
+def _triton_runnable(x: torch.Tensor) -> bool:
+    import os
+
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def select(weight, x: torch.Tensor, preference: str = "auto"):
+    """(name, callable(x2d, weight, config), config) that computes x2d @ W^T."""
+    fmt, rows = weight.format_name, x.numel() // x.shape[-1]
+    if preference == "torch" or (preference == "auto" and not x.is_cuda):
+        return "torch", _torch_reference(fmt), None
+    if not _triton_runnable(x):
+        raise ConfigError("the Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set "
+                          "before importing quant to run them on the CPU")
+    name, config = tuning.choose(x.device, weight.bits, weight.out_features,
+                                 weight.in_features, weight.group_size, rows)
+    return name, _triton_table()[(fmt, tuning.regime(rows))][name], config
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
+           preference: str = "auto") -> torch.Tensor:
     """y = x @ W^T + bias for any quantized weight format `weight`."""
-    w = weight.dequantize(torch.float32).to(x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    _, impl, config = select(weight, x, preference)
+    y = impl(x.reshape(-1, x.shape[-1]), weight, config)
+    y = y.reshape(*x.shape[:-1], weight.out_features)
+    return y if bias is None else y + bias.to(y.dtype)

@@ -19,7 +19,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from quant import checkpoint
 from quant.errors import CheckpointError
-from quant.layers import QuantLinear, replace_linears
+from quant.layers import QuantLinear, replace_linears, set_kernel_preference
 
 METHOD = checkpoint.QUANT_METHOD
 
@@ -68,9 +68,10 @@ _register()
 
 
 def load(directory, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         verify: bool = True):
+         verify: bool = True, kernels: str = "auto"):
     """Load a lowbit checkpoint with transformers, checking that our quantizer really ran
-    (transformers silently skips an unknown quant_method)."""
+    (transformers silently skips an unknown quant_method). `kernels` picks the matmul
+    implementation: auto (Triton on CUDA, torch on CPU), torch, or triton."""
     from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
@@ -84,4 +85,5 @@ def load(directory, device: str | torch.device = "cpu", dtype: torch.dtype = tor
             f"{directory}: the lowbit quantizer did not build the quantized layers "
             f"({len(found)} of {len(expected)}); is `quant` imported and transformers "
             "in the supported range?")
+    set_kernel_preference(model, kernels)
     return model.eval()

@@ -27,6 +27,8 @@ class QuantLinear(nn.Module):
             self.tensor_names.append(name)
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device),
                                   requires_grad=False) if bias else None)
+        self.kernel_preference = "auto"  # auto | torch | triton (quant.kernels.ops)
+        self._weight_cache = (None, None)
 
     @classmethod
     def from_weight(cls, weight, bias: torch.Tensor | None = None) -> "QuantLinear":
@@ -39,13 +41,18 @@ class QuantLinear(nn.Module):
         return layer
 
     def quantized_weight(self):
-        """The format object over this module's tensors (no copies)."""
+        """The format object over this module's tensors (no copies), rebuilt only when the
+        tensors move: decode calls this for every layer and token."""
         tensors = {name: getattr(self, name).data for name in self.tensor_names}
-        return self.format_cls.from_state_dict(tensors, self.config, self.out_features,
-                                               self.in_features, where="QuantLinear")
+        key = tuple((t.data_ptr(), t.device) for t in tensors.values())
+        if self._weight_cache[0] != key:
+            weight = self.format_cls.from_state_dict(tensors, self.config, self.out_features,
+                                                     self.in_features, where="QuantLinear")
+            self._weight_cache = (key, weight)
+        return self._weight_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.quantized_weight(), self.bias)
+        return ops.linear(x, self.quantized_weight(), self.bias, self.kernel_preference)
 
     def _apply(self, fn, recurse=True):
         # Casting the model (.half(), .to(bf16)) must not round the stored tensors: they
@@ -64,6 +71,14 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         options = ", ".join(f"{k}={v}" for k, v in self.config.items())
         return f"in_features={self.in_features}, out_features={self.out_features}, {options}"
+
+
+def set_kernel_preference(model: nn.Module, preference: str) -> None:
+    """Route every QuantLinear of `model` through `auto`, `torch` or `triton` kernels."""
+    ops.check_preference(preference)
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.kernel_preference = preference
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -52,3 +52,14 @@ def make_tiny_model(path, tokenizer, *, arch="llama", layers=2, hidden=64, inter
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, demo_tokenizer):
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", demo_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def demo_rtn_dir(tmp_path_factory, demo_dir):
+    """The demo model, RTN 4-bit group 64 (RTN uses calibration only for its report)."""
+    from quant.data import CalibConfig
+    from quant.pipeline import QuantizeJob, quantize
+
+    out = tmp_path_factory.mktemp("demo") / "rtn-w4g64"
+    return quantize(QuantizeJob("rtn", {"bits": 4, "group_size": 64}, str(demo_dir),
+                                CalibConfig(nsamples=2), out, progress=False))

@@ -7,9 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import quant
-from quant.data import CalibConfig, eval_windows
+from quant.data import eval_windows
 from quant.eval.perplexity import perplexity
-from quant.pipeline import QuantizeJob, quantize
 from tests.methods.test_rtn import reference_rtn
 
 pytestmark = pytest.mark.demo
@@ -22,11 +21,9 @@ def hf_perplexity(model, windows):
     return math.exp(sum(losses) / len(losses))
 
 
-def test_rtn_4bit_g64_on_demo(demo_dir, demo_tokenizer, tmp_path):
+def test_rtn_4bit_g64_on_demo(demo_dir, demo_rtn_dir, demo_tokenizer):
     windows = eval_windows("wiki-demo", demo_tokenizer, 512)
-    out = quantize(QuantizeJob("rtn", {"bits": 4, "group_size": 64}, str(demo_dir),
-                               CalibConfig(nsamples=2), tmp_path / "rtn", progress=False))
-    ours = perplexity(quant.load(out), windows, progress=False)
+    ours = perplexity(quant.load(demo_rtn_dir), windows, progress=False)
 
     model = AutoModelForCausalLM.from_pretrained(demo_dir, dtype=torch.float32).eval()
     fp = perplexity(model, windows, progress=False)

@@ -78,6 +78,11 @@ class IntWeight:
                   bits: int, group_size: int, sym: bool, g_idx: torch.Tensor | None = None):
         """From unpacked integers: q [out, in], zeros [ngroups, out], scales [ngroups, out]."""
         out_features, in_features = q.shape
+        check_int_config(bits, group_size, in_features)
+        if zeros.shape != scales.shape or tuple(zeros.shape) != (
+                num_groups(in_features, group_size), out_features):
+            raise ValueError(f"zeros {list(zeros.shape)} and scales {list(scales.shape)} must "
+                             f"be [{num_groups(in_features, group_size)}, {out_features}]")
         return cls(
             pack(q, bits).t().contiguous(),
             pack(zeros, bits),
@@ -101,6 +106,12 @@ class IntWeight:
                    tensors.get("g_idx") if config.get("act_order") else None,
                    bits=config["bits"], group_size=config["group_size"], sym=config["sym"],
                    in_features=in_features, out_features=out_features)
+
+    def to(self, device) -> "IntWeight":
+        moved = {k: v.to(device) for k, v in self.state_dict().items()}
+        return IntWeight(moved["qweight"], moved["qzeros"], moved["scales"], moved.get("g_idx"),
+                         bits=self.bits, group_size=self.group_size, sym=self.sym,
+                         in_features=self.in_features, out_features=self.out_features)
 
     # ---- reading -----------------------------------------------------------------------
     def ints(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,16 @@
+"""Torch references of the kernels, with the kernels' signatures: the CPU path and the
+test oracle. Importing this module needs no Triton."""
+
+from __future__ import annotations
+
+import torch
+
+
+def int_matmul_reference(x: torch.Tensor, weight, config=None) -> torch.Tensor:
+    """x [M, K] @ W^T of an IntWeight: fp32 dequantize and fp32 matmul, result in x.dtype."""
+    return (x.float() @ weight.dequantize(torch.float32).t()).to(x.dtype)
+
+
+def int_dequant_reference(weight, dtype: torch.dtype, config=None) -> torch.Tensor:
+    """W^T [K, N] of an IntWeight in `dtype`."""
+    return weight.dequantize(torch.float32).t().to(dtype)

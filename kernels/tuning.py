@@ -1,0 +1,110 @@
+"""Kernel tile configurations: data, not code. Tuned entries live in
+`configs/<gpu>.json` (written by `scripts/bench_kernels.py --tune`) and are loaded
+explicitly for the GPU in use; shapes without an entry use the defaults below."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+GEMV_MAX_ROWS = 16  # decode regime: the tile's M is 16 (the smallest tl.dot), rows beyond use GEMM
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1      # 0: choose from the shape so the GPU gets enough programs
+    group_m: int = 8      # programs sharing a row band, for L2 reuse of x
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# Untuned starting points (no GPU measurement yet): decode tiles are thin in M and deep in K
+# with split-K; prefill tiles are square-ish.
+DEFAULTS = {
+    "gemv": ("fused", TileConfig(16, 64, 128, split_k=0, num_warps=4, num_stages=3)),
+    "gemm": ("fused", TileConfig(64, 128, 64, split_k=1, num_warps=4, num_stages=3)),
+}
+DEQUANT_TILE = TileConfig(1, 128, 64, num_warps=4, num_stages=1)
+
+
+def regime(rows: int) -> str:
+    return "gemv" if rows <= GEMV_MAX_ROWS else "gemm"
+
+
+def rows_bucket(rows: int) -> int:
+    for bucket in (1, 2, 4, 8, 16, 32, 64, 128):
+        if rows <= bucket:
+            return bucket
+    return 256
+
+
+def gpu_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
+def load_tuned(path: Path) -> dict:
+    """{(bits, n, k, rows bucket): (implementation, TileConfig)} from a tuned-config file."""
+    if not path.is_file():
+        return {}
+    entries = json.loads(path.read_text())["entries"]
+    return {(e["bits"], e["n"], e["k"], e["rows"]): (e["impl"], TileConfig(**e["config"]))
+            for e in entries}
+
+
+@functools.cache
+def _tuned(device_index: int) -> dict:
+    return load_tuned(CONFIG_DIR / f"{gpu_slug(torch.cuda.get_device_name(device_index))}.json")
+
+
+def choose(device: torch.device, bits: int, n: int, k: int, group_size: int,
+           rows: int) -> tuple[str, TileConfig]:
+    """(implementation, tile config) for `rows` rows against an N x K weight."""
+    if device.type == "cuda":
+        found = _tuned(device.index or 0).get((bits, n, k, rows_bucket(rows)))
+        if found:
+            return found
+        impl, config = DEFAULTS[regime(rows)]
+    else:  # the CPU interpreter costs per program step: one wide tile per row band
+        impl, config = "fused", TileConfig(16 if rows <= 16 else 64,
+                                           min(2048, triton_next_pow2(n)), 64)
+    return impl, fit_block_k(config, group_size)
+
+
+def fit_block_k(config: TileConfig, group_size: int) -> TileConfig:
+    """Shrink BLOCK_K to divide the group size, so each K-step reads one row of scales."""
+    block_k = config.block_k
+    while group_size > 0 and group_size % block_k and block_k > 16:
+        block_k //= 2
+    return dataclasses.replace(config, block_k=block_k)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.cache
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def resolve_split_k(config: TileConfig, m: int, n: int, k: int, device: torch.device) -> TileConfig:
+    """Fill in split_k=0: enough K-slices that tiles x slices covers ~2 waves of SMs."""
+    if config.split_k:
+        return config
+    tiles = -(-m // config.block_m) * -(-n // config.block_n)
+    programs = 2 * (sm_count(device.index or 0) if device.type == "cuda" else 64)
+    k_blocks = -(-k // config.block_k)
+    split = 1
+    while tiles * split < programs and split * 2 <= k_blocks // 2:
+        split *= 2
+    return dataclasses.replace(config, split_k=split)

@@ -1,0 +1,214 @@
+"""Benchmark lowbit's quantized matmul kernels against fp16 on Llama shapes.
+
+On a GPU: median times with `triton.testing.do_bench` (quantiles 0.5/0.2/0.8), the
+speedup over fp16 `torch.matmul` measured in the same run, achieved GB/s and its fraction
+of the device-to-device copy bandwidth measured in the same run. Writes
+`benchmarks/<device>-int.json` and a Markdown table beside it; `--tune` also sweeps tile
+configs and stores the winners in `kernels/configs/<device>.json`.
+
+    python scripts/bench_kernels.py                    # GPU
+    python scripts/bench_kernels.py --tune             # GPU, store tuned configs
+    python scripts/bench_kernels.py --dry-run --out /tmp/b   # CPU: shapes / 64, interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192), (8192, 28672)]  # (N, K)
+BATCHES = [1, 4, 16, 64]
+DRY_RUN_SCALE = 64
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--batches", type=int, nargs="+", default=BATCHES)
+    p.add_argument("--tune", action="store_true", help="sweep tile configs, store the best")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU wiring check: shapes divided by 64, Triton interpreter, wall clock")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    return p.parse_args(argv)
+
+
+# ---- timing ------------------------------------------------------------------------------
+
+def make_timer(dry_run: bool):
+    """fn -> (median, p20, p80) milliseconds."""
+    if not dry_run:
+        import triton.testing
+
+        return lambda fn: tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
+
+    def wall(fn):
+        fn()
+        samples = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            samples.append(1e3 * (time.perf_counter() - start))
+        samples.sort()
+        return statistics.median(samples), samples[0], samples[-1]
+    return wall
+
+
+def copy_bandwidth(device, timer, nbytes: int) -> float:
+    """GB/s of a device-to-device copy (read + write)."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))[0]
+    return 2 * nbytes / ms / 1e6
+
+
+# ---- one case ----------------------------------------------------------------------------
+
+def random_int_weight(n, k, bits, group, device):
+    import torch
+
+    from quant.formats import IntWeight
+
+    gen = torch.Generator().manual_seed(bits * 7 + n + k)
+    ngroups = k // group
+    q = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.int32)
+    zeros = torch.randint(0, 1 << bits, (ngroups, n), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(ngroups, n, generator=gen) * 0.01 + 0.001).half()
+    w = IntWeight.from_ints(q, zeros, scales, bits=bits, group_size=group, sym=False)
+    for name in ("qweight", "qzeros", "scales"):
+        setattr(w, name, getattr(w, name).to(device))
+    return w
+
+
+def weight_bytes(weight) -> int:
+    return sum(t.numel() * t.element_size() for t in weight.state_dict().values())
+
+
+def candidates(rows: int, group: int):
+    """Tile configs swept by --tune for a regime."""
+    from quant.kernels.tuning import TileConfig
+
+    if rows <= 16:
+        grid = itertools.product((32, 64, 128), (64, 128), (0, 1, 4, 8), (4, 8), (3, 4))
+        configs = [TileConfig(16, bn, bk, split, 8, w, s) for bn, bk, split, w, s in grid]
+    else:
+        grid = itertools.product((32, 64, 128), (64, 128, 256), (32, 64, 128), (4, 8), (3, 4))
+        configs = [TileConfig(bm, bn, bk, 1, 8, w, s) for bm, bn, bk, w, s in grid]
+    return [c for c in configs if group % c.block_k == 0]
+
+
+def bench_case(bits, n, k, rows, group, device, timer, tune: bool) -> dict:
+    import torch
+
+    from quant.kernels import ops, tuning
+    from quant.kernels.int_dequant import dequant_matmul
+    from quant.kernels.int_matmul import int_matmul
+    from quant.kernels.reference import int_matmul_reference
+
+    weight = random_int_weight(n, k, bits, group, device)
+    x = torch.randn(rows, k, device=device, dtype=torch.float16)
+    dense = torch.randn(n, k, device=device, dtype=torch.float16).t()
+    fp16_ms = timer(lambda: x @ dense)
+
+    name, impl, config = ops.select(weight, x, "triton")
+    y = impl(x, weight, config)
+    ref = int_matmul_reference(x, weight).float()
+    rel_err = float((y.float() - ref).norm() / ref.norm())
+    chosen = timer(lambda: impl(x, weight, config))
+    alternatives = {"fused": timer(lambda: int_matmul(x, weight, config))[0] if name != "fused"
+                    else chosen[0],
+                    "dequant": timer(lambda: dequant_matmul(x, weight))[0]}
+    best_tuned = None
+    if tune:
+        trials = [("fused", c, timer(lambda c=c: int_matmul(x, weight, c))[0])
+                  for c in candidates(rows, group)]
+        trials.append(("dequant", tuning.DEQUANT_TILE, alternatives["dequant"]))
+        best_tuned = min(trials, key=lambda t: t[2])
+
+    moved = weight_bytes(weight) + x.numel() * 2 + rows * n * 2
+    return {"bits": bits, "n": n, "k": k, "rows": rows, "group_size": group,
+            "impl": name, "config": dataclasses.asdict(config) if config else None,
+            "ms": chosen[0], "ms_p20": chosen[1], "ms_p80": chosen[2],
+            "fp16_ms": fp16_ms[0], "speedup_vs_fp16": fp16_ms[0] / chosen[0],
+            "alternatives_ms": alternatives, "gbps": moved / chosen[0] / 1e6,
+            "rel_err_vs_reference": rel_err,
+            "tuned": None if best_tuned is None else
+            {"impl": best_tuned[0], "config": dataclasses.asdict(best_tuned[1]),
+             "ms": best_tuned[2]}}
+
+
+# ---- output ------------------------------------------------------------------------------
+
+def markdown(result: dict) -> str:
+    lines = [f"# int kernels on {result['device']}", "",
+             f"copy bandwidth {result['copy_gbps']:.0f} GB/s; group size "
+             f"{result['group_size']}; times are medians (ms)"
+             + ("; DRY RUN on CPU: shapes / 64, interpreter, not speed" if result["dry_run"] else ""),
+             "", "| bits | N x K | batch | fp16 ms | lowbit ms | impl | speedup | GB/s | % copy BW |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in result["cases"]:
+        lines.append(f"| {c['bits']} | {c['n']}x{c['k']} | {c['rows']} | {c['fp16_ms']:.4f} | "
+                     f"{c['ms']:.4f} | {c['impl']} | {c['speedup_vs_fp16']:.2f}x | "
+                     f"{c['gbps']:.0f} | {100 * c['gbps'] / result['copy_gbps']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def store_tuned(result: dict, device_name: str) -> Path:
+    from quant.kernels.tuning import CONFIG_DIR, gpu_slug, rows_bucket
+
+    entries = [{"bits": c["bits"], "n": c["n"], "k": c["k"], "rows": rows_bucket(c["rows"]),
+                "impl": c["tuned"]["impl"], "config": c["tuned"]["config"]}
+               for c in result["cases"] if c["tuned"]]
+    path = CONFIG_DIR / f"{gpu_slug(device_name)}.json"
+    path.write_text(json.dumps({"device": device_name, "entries": entries}, indent=1) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+    import torch
+
+    from quant.kernels.tuning import gpu_slug
+
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("no CUDA GPU: run on a GPU, or pass --dry-run to check the wiring on a CPU")
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    device_name = "cpu-dry-run" if args.dry_run else torch.cuda.get_device_name()
+    scale = DRY_RUN_SCALE if args.dry_run else 1
+    timer = make_timer(args.dry_run)
+    group = args.group_size if not args.dry_run else min(args.group_size, 64)
+    shapes = [(n // scale, max(group, k // scale // group * group)) for n, k in SHAPES]
+    cases = []
+    for bits, (n, k), rows in itertools.product(args.bits, shapes, args.batches):
+        cases.append(bench_case(bits, n, k, rows, group, device, timer, args.tune))
+        c = cases[-1]
+        print(f"b{bits} {n}x{k} rows {rows}: {c['ms']:.4f} ms ({c['impl']}), fp16 "
+              f"{c['fp16_ms']:.4f} ms, {c['speedup_vs_fp16']:.2f}x", file=sys.stderr)
+    result = {"device": device_name, "dry_run": args.dry_run, "group_size": group,
+              "torch": torch.__version__, "triton": __import__("triton").__version__,
+              "copy_gbps": copy_bandwidth(device, timer, (1 << 20 if args.dry_run else 1 << 30)),
+              "cases": cases}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{gpu_slug(device_name)}-int"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
+    if args.tune and not args.dry_run:
+        print(f"tuned configs: {store_tuned(result, device_name)}", file=sys.stderr)
+    print(stem.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

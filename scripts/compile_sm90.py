@@ -1,0 +1,98 @@
+"""Compile every Triton kernel variant for an H100 (sm_90) without a GPU and report each
+one's shared memory; exits 1 if any variant fails to compile or exceeds the limit.
+
+    python scripts/compile_sm90.py [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+SM90_SHARED_LIMIT = 232448  # bytes of shared memory per block on an H100
+
+
+def variants():
+    """(kernel name, kernel, signature, constexprs, options) for every compiled variant."""
+    import triton.language as tl
+
+    from quant.kernels import tuning
+    from quant.kernels.int_dequant import _int_dequant_kernel
+    from quant.kernels.int_matmul import _int_matmul_kernel
+
+    dtypes = {"fp16": tl.float16, "bf16": tl.bfloat16}
+    formats = [(bits, group, g_idx) for bits in (2, 3, 4, 5, 6, 8)
+               for group, g_idx in ((128, False), (32, False), (128, True))]
+    configs = {name: tuning.fit_block_k(cfg, 128) for name, (_, cfg) in tuning.DEFAULTS.items()}
+    for (bits, group, g_idx), (dname, dtype), (cname, cfg) in itertools.product(
+            formats, dtypes.items(), configs.items()):
+        cfg = tuning.fit_block_k(cfg, group)
+        split = 2 if cname == "gemv" else 1
+        signature = {"x_ptr": f"*{dname}", "qweight_ptr": "*i32", "qzeros_ptr": "*i32",
+                     "scales_ptr": "*fp16", "g_idx_ptr": "*i32",
+                     "out_ptr": "*fp32" if split > 1 else f"*{dname}",
+                     "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+                     "stride_om": "i32", "stride_split": "i32"}
+        constexprs = {"BITS": bits, "GROUP_SIZE": group, "HAS_G_IDX": g_idx,
+                      "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+                      "SPLIT_K": split, "GROUP_M": cfg.group_m, "DOT_DTYPE": dtype}
+        yield (f"int_matmul/{cname}/b{bits}/g{group}{'/g_idx' if g_idx else ''}/{dname}",
+               _int_matmul_kernel, signature, constexprs,
+               {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    dq = tuning.DEQUANT_TILE
+    for (bits, group, g_idx), dname in itertools.product(formats, dtypes):
+        signature = {"qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16",
+                     "g_idx_ptr": "*i32", "out_ptr": f"*{dname}", "N": "i32", "K": "i32"}
+        constexprs = {"BITS": bits, "GROUP_SIZE": group, "HAS_G_IDX": g_idx,
+                      "BLOCK_N": dq.block_n, "BLOCK_K": min(dq.block_k, group)}
+        yield (f"int_dequant/b{bits}/g{group}{'/g_idx' if g_idx else ''}/{dname}",
+               _int_dequant_kernel, signature, constexprs,
+               {"num_warps": dq.num_warps, "num_stages": dq.num_stages})
+
+
+def compile_one(index: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name, kernel, signature, constexprs, options = list(variants())[index]
+    src = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}},
+                    constexprs=constexprs)
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        return {"kernel": name, "shared": compiled.metadata.shared,
+                "ok": compiled.metadata.shared <= SM90_SHARED_LIMIT}
+    except Exception as exc:  # report every failure, not just the first
+        return {"kernel": name, "error": str(exc).splitlines()[0][:300], "ok": False}
+
+
+def compile_all() -> list[dict]:
+    count = len(list(variants()))
+    with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(compile_one, range(count)))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    results = compile_all()
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        for r in results:
+            print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['kernel']:<48} "
+                  f"{r.get('shared', '-'):>7} {r.get('error', '')}")
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

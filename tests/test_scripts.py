@@ -1,0 +1,49 @@
+"""The benchmark scripts are wired: their CPU dry runs produce the promised files."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_kernels_dry_run(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_kernels.py"),
+                           "--dry-run", "--out", str(tmp_path), "--bits", "2", "3",
+                           "--batches", "1", "16"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "cpu_dry_run-int.json").read_text())
+    bench = load_script("bench_kernels")
+    shapes = {(c["n"], c["k"]) for c in result["cases"]}
+    assert shapes == {(n // 64, k // 64 // 64 * 64 or 64) for n, k in bench.SHAPES}
+    assert len(result["cases"]) == 2 * 5 * 2 and result["dry_run"] is True
+    for case in result["cases"]:
+        assert case["rel_err_vs_reference"] < 1e-2
+        assert case["ms"] > 0 and case["fp16_ms"] > 0 and case["gbps"] > 0
+        assert set(case["alternatives_ms"]) == {"fused", "dequant"}
+    table = (tmp_path / "cpu_dry_run-int.md").read_text()
+    assert table.count("\n| ") == 1 + 20 and "DRY RUN" in table
+
+
+def test_tuned_configs_round_trip(tmp_path, monkeypatch):
+    from quant.kernels import tuning
+
+    bench = load_script("bench_kernels")
+    monkeypatch.setattr(tuning, "CONFIG_DIR", tmp_path)
+    cfg = {"block_m": 16, "block_n": 64, "block_k": 128, "split_k": 4, "group_m": 8,
+           "num_warps": 4, "num_stages": 3}
+    result = {"cases": [{"bits": 4, "n": 4096, "k": 4096, "rows": 3,
+                         "tuned": {"impl": "fused", "config": cfg, "ms": 0.01}}]}
+    path = bench.store_tuned(result, "NVIDIA H100 80GB HBM3")
+    assert tuning.load_tuned(path) == {(4, 4096, 4096, 4): ("fused", tuning.TileConfig(**cfg))}
+    assert all(c.block_k <= 128 and 128 % c.block_k == 0 for c in bench.candidates(1, 128))
+    assert {c.block_m for c in bench.candidates(64, 128)} == {32, 64, 128}
