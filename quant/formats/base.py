@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from quant.errors import CheckpointError
+from quant.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -39,17 +40,8 @@ def check_state_dict(tensors: dict[str, torch.Tensor], specs: dict[str, TensorSp
                 f"found {t.dtype} {list(t.shape)}")
 
 
-FORMATS: dict[str, type] = {}
-
-
-def register_format(name: str):
-    def add(cls):
-        if name in FORMATS:
-            raise ValueError(f"format {name!r} is already registered")
-        cls.format_name = name
-        FORMATS[name] = cls
-        return cls
-    return add
+FORMATS = Registry("format", "format_name")
+register_format = FORMATS.register
 
 
 def format_class(module_config: dict):

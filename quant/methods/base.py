@@ -11,18 +11,10 @@ import dataclasses
 from importlib.metadata import entry_points
 
 from quant.errors import ConfigError
+from quant.registry import Registry
 
-METHODS: dict[str, type] = {}
-
-
-def register_method(name: str):
-    def add(cls):
-        if name in METHODS:
-            raise ValueError(f"method {name!r} is already registered")
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-    return add
+METHODS = Registry("method", "name")
+register_method = METHODS.register
 
 
 def _load_entry_points() -> None:
