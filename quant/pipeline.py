@@ -26,7 +26,9 @@ from quant.formats import format_class
 from quant.formats.int_weight import PACKING
 from quant.layers import QuantLinear, set_module
 from quant.methods import make_method
-from quant.traverse import BlockInputs, capture_block_inputs, find_blocks, find_linears, run_block
+from quant.stats import collect_hessians, input_groups, relative_output_error
+from quant.traverse import (BlockInputs, ChildReplay, capture_block_inputs, find_blocks,
+                            find_linears, replay_finished_children, run_batches)
 
 NOT_CONVERTED = ("lm_head",)
 
@@ -146,36 +148,68 @@ def plan_layers(prefix: str, blocks, method) -> list[dict[str, torch.nn.Linear]]
 
 def quantize_block(block, linears: dict, method, inputs: BlockInputs, index: int,
                    prefix: str, device, bar) -> tuple[dict, dict]:
-    """Quantize one block in place and advance `inputs`; returns (module configs, reports)."""
-    stats: dict = {}
+    """Quantize one block in place and advance `inputs`; returns (module configs, reports).
+
+    Methods that need the Hessian get it per group of linears sharing an input; with
+    true-sequential each group's inputs come through the already quantized groups."""
     modules, report, reference = {}, {}, {}
-    for name, linear in linears.items():
-        bar.set_postfix_str(name)
-        weight = linear.weight.data.float()
-        if not torch.isfinite(weight).all():
-            raise ModelError(f"{prefix}{name}: the weight contains NaN or inf; "
-                             "the source checkpoint is corrupt")
-        tick = time.time()
-        fmt = method.quantize(weight, stats.get(name))
-        seconds = time.time() - tick
-        dequantized = fmt.dequantize(torch.float32)
-        if not torch.isfinite(dequantized).all():
-            raise ModelError(f"{prefix}{name}: quantization produced non-finite values")
-        set_module(block, name, QuantLinear.from_weight(fmt, linear.bias))
-        reference[name] = linear
-        modules[prefix + name] = fmt.config
-        report[prefix + name] = {
-            **fmt.config, "shape": [fmt.out_features, fmt.in_features],
-            "bits_per_weight": round(fmt.bits_per_weight, 4),
-            "rel_weight_mse": float((dequantized - weight).pow(2).sum() / weight.pow(2).sum()),
-            "seconds": round(seconds, 3)}
-    for name, err in propagate(block, inputs, index, device, reference).items():
+    if method.needs_hessian:
+        groups = input_groups(block, linears, inputs, index, device)
+        stages = [[g] for g in groups] if method.true_sequential else [groups]
+    else:
+        groups, stages = [], [[[name] for name in linears]]
+    with replay_finished_children(block, linears) as replay:
+        for stage in stages:
+            hessians = collect_hessians(block, stage, inputs, index, device,
+                                        method.hessian_dtype, replay) if groups else {}
+            for group in stage:
+                bar.set_postfix_str(",".join(name.split(".")[-1] for name in group))
+                quantized = quantize_linears(prefix, {n: linears[n] for n in group}, method,
+                                             hessians.get(group[0]))
+                for name, (fmt, entry) in quantized.items():
+                    set_module(block, name, QuantLinear.from_weight(fmt, linears[name].bias))
+                    reference[name] = linears[name]
+                    modules[prefix + name] = fmt.config
+                    report[prefix + name] = entry
+        measured = propagate(block, inputs, index, device, None if groups else reference, replay)
+    for name, err in measured.items():
         report[prefix + name]["rel_output_mse"] = err
     return modules, report
 
 
+def quantize_linears(prefix: str, linears: dict, method, hessian) -> dict[str, tuple]:
+    """{name: (format, report entry)} for linears sharing one input (and Hessian)."""
+    weights = {}
+    for name, linear in linears.items():
+        weights[name] = linear.weight.data.float()
+        if not torch.isfinite(weights[name]).all():
+            raise ModelError(f"{prefix}{name}: the weight contains NaN or inf; "
+                             "the source checkpoint is corrupt")
+    tick = time.time()
+    if hasattr(method, "quantize_group") and hessian is not None:
+        results = method.quantize_group(list(weights.values()), hessian)
+    else:
+        results = [method.quantize(w, hessian) for w in weights.values()]
+    seconds = time.time() - tick
+    rows = sum(w.shape[0] for w in weights.values())
+    out = {}
+    for (name, weight), (fmt, info) in zip(weights.items(), results):
+        dequantized = fmt.dequantize(torch.float32)
+        if not torch.isfinite(dequantized).all():
+            raise ModelError(f"{prefix}{name}: quantization produced non-finite values")
+        entry = {**fmt.config, "shape": [fmt.out_features, fmt.in_features],
+                 "bits_per_weight": round(fmt.bits_per_weight, 4),
+                 "rel_weight_mse": float((dequantized - weight).pow(2).sum() / weight.pow(2).sum()),
+                 "seconds": round(seconds * weight.shape[0] / rows, 3), **info}
+        if hessian is not None:  # exact on the inputs the layer was quantized with
+            entry["rel_output_mse"] = relative_output_error(weight, dequantized, hessian)
+        out[name] = (fmt, entry)
+    return out
+
+
 def propagate(block, inputs: BlockInputs, index: int, device,
-              reference: dict[str, torch.nn.Linear] | None = None) -> dict[str, float]:
+              reference: dict[str, torch.nn.Linear] | None = None,
+              replay: ChildReplay | None = None) -> dict[str, float]:
     """Run the (quantized) block on every batch, replacing inputs.hidden with its outputs.
 
     With `reference` (fp linears by name), also returns each quantized layer's relative
@@ -194,8 +228,8 @@ def propagate(block, inputs: BlockInputs, index: int, device,
     handles = [block.get_submodule(name).register_forward_hook(measure(name)) for name in sums]
     try:
         with torch.no_grad():
-            inputs.hidden = [run_block(block, h, call, device).to(h.device)
-                             for h, call in zip(inputs.hidden, inputs.calls[index])]
+            outputs = run_batches(block, inputs, index, device, replay)
+            inputs.hidden = [out.to(h.device) for h, out in zip(inputs.hidden, outputs)]
     finally:
         for handle in handles:
             handle.remove()

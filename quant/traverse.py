@@ -98,3 +98,74 @@ def run_block(block: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict],
     args, kwargs = call
     out = block(hidden.to(device), *move(args, device), **move(kwargs, device))
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Replaying(nn.Module):
+    """Stands in for a finished child: computes its output once per batch, then replays it."""
+
+    def __init__(self, child: nn.Module, replay: "ChildReplay"):
+        super().__init__()
+        self.child, self.replay, self.outputs = child, replay, {}
+
+    def forward(self, *args, **kwargs):
+        if self.replay.batch not in self.outputs:
+            self.outputs[self.replay.batch] = self.child(*args, **kwargs)
+        return self.outputs[self.replay.batch]
+
+
+class ChildReplay:
+    """While a block is quantized, replays the outputs of its children (attention, MLP)
+    whose linears are all quantized. Such a child's input comes only from modules that ran
+    before it, whose linears run earlier and are therefore quantized too, so every later
+    pass over the same batch would recompute exactly the same output.
+
+    Set `batch` to the index of the calibration batch before each forward; call
+    `refresh()` before each pass to start replaying newly finished children."""
+
+    def __init__(self, block: nn.Module, linears: dict[str, nn.Module]):
+        self.block, self.batch = block, None
+        self.children: dict[str, list[str]] = {}
+        for name in linears:
+            child, _, rest = name.partition(".")
+            if rest:
+                self.children.setdefault(child, []).append(name)
+        self.originals: dict[str, nn.Module] = {}
+
+    def refresh(self) -> None:
+        from quant.layers import QuantLinear
+
+        for child, names in self.children.items():
+            if child not in self.originals and all(
+                    isinstance(self.block.get_submodule(n), QuantLinear) for n in names):
+                self.originals[child] = getattr(self.block, child)
+                setattr(self.block, child, _Replaying(self.originals[child], self))
+
+    def restore(self) -> None:
+        for child, module in self.originals.items():
+            setattr(self.block, child, module)
+        self.originals.clear()
+
+
+@contextlib.contextmanager
+def replay_finished_children(block: nn.Module, linears: dict[str, nn.Module]):
+    replay = ChildReplay(block, linears)
+    try:
+        yield replay
+    finally:
+        replay.restore()
+
+
+def run_batches(block, inputs: BlockInputs, index: int, device, replay: ChildReplay | None = None,
+                stop: type[Exception] | None = None):
+    """Yield the block's output for each calibration batch (None where `stop` cut it short)."""
+    if replay is not None:
+        replay.refresh()
+    for b, (hidden, call) in enumerate(zip(inputs.hidden, inputs.calls[index])):
+        if replay is not None:
+            replay.batch = b
+        try:
+            yield run_block(block, hidden, call, device)
+        except Exception as exc:
+            if stop is None or not isinstance(exc, stop):
+                raise
+            yield None

@@ -13,9 +13,10 @@ FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): keeps scales non-z
 
 
 def fit_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) [rows] for each row of w [rows, n]; zero is integer-valued."""
+    """(scale, zero) [rows] for each row of w [rows, n] (fp32, or fp64 when w is fp64);
+    zero is integer-valued."""
     maxq = (1 << bits) - 1
-    w = w.float()
+    w = w if w.dtype == torch.float64 else w.float()
     xmin = w.min(dim=1).values.clamp(max=0)
     xmax = w.max(dim=1).values.clamp(min=0)
     if sym:
@@ -23,7 +24,7 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch
         xmin = torch.where(xmin < 0, -xmax, xmin)
     flat = (xmin == 0) & (xmax == 0)
     xmin, xmax = torch.where(flat, -1.0, xmin), torch.where(flat, 1.0, xmax)
-    scale = ((xmax - xmin) / maxq).half().float().clamp(min=FP16_TINY)
+    scale = ((xmax - xmin) / maxq).half().to(w.dtype).clamp(min=FP16_TINY)
     if sym:
         zero = torch.full_like(scale, float(1 << (bits - 1)))
     else:
@@ -36,7 +37,7 @@ def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     """Integers q = clamp(round(w / scale) + zero) for w [rows, n], scale/zero [rows] or [rows, 1]."""
     if scale.dim() == 1:
         scale, zero = scale[:, None], zero[:, None]
-    return torch.clamp(torch.round(w.float() / scale) + zero, 0, (1 << bits) - 1)
+    return torch.clamp(torch.round(w.to(scale.dtype) / scale) + zero, 0, (1 << bits) - 1)
 
 
 def dequant_grid(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

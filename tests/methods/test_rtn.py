@@ -24,7 +24,7 @@ def reference_rtn(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.Te
 def test_rtn_matches_reference(bits, group, sym):
     torch.manual_seed(bits)
     w = torch.randn(48, 192) * 0.05
-    fmt = make_method("rtn", bits=bits, group_size=group, sym=sym).quantize(w)
+    fmt, _ = make_method("rtn", bits=bits, group_size=group, sym=sym).quantize(w)
     ours = fmt.dequantize(torch.float64)
     ref = reference_rtn(w, bits, group, sym)
     mismatch = (ours - ref).abs() > 1e-6
@@ -36,7 +36,7 @@ def test_rtn_matches_reference(bits, group, sym):
 def test_rtn_error_bounded_by_half_step():
     torch.manual_seed(0)
     w = torch.randn(16, 128)
-    fmt = make_method("rtn", bits=4, group_size=32).quantize(w)
+    fmt, _ = make_method("rtn", bits=4, group_size=32).quantize(w)
     step = fmt.scales.float().t().repeat_interleave(32, dim=1)  # [out, in]
     assert ((fmt.dequantize() - w).abs() <= step / 2 + 1e-6).all()
 
