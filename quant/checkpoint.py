@@ -3,6 +3,7 @@ for `--resume`, and checking a directory before anything loads it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -164,6 +165,26 @@ def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 # ---- the output directory and the unfinished run ----------------------------------------
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, overwrite: bool = False):
+    """Yield an empty sibling directory that replaces `out` only if the block succeeds."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output directory {out} already exists; pass --overwrite to replace "
+                          "it or choose another path")
+    tmp = out.parent / f".{out.name}.lowbit-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 
 def is_lowbit_checkpoint(directory: Path) -> bool:
     try:

@@ -146,12 +146,28 @@ def run_info(args) -> int:
     return 0
 
 
+def add_export_args(p):
+    p.add_argument("directory", type=Path, help="lowbit checkpoint directory")
+    p.add_argument("out", type=Path, help="directory to write")
+    p.add_argument("--format", required=True, help="gptq")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def run_export(args) -> int:
+    from quant.export import export
+
+    out = export(args.directory, args.format, args.out, args.overwrite)
+    print(f"exported {args.directory} as {args.format} to {out}")
+    return 0
+
+
 # ---- entry points ------------------------------------------------------------------------
 
 COMMANDS = {
     "quantize": (add_quantize_args, run_quantize, "quantize a model into a lowbit checkpoint"),
     "eval": (add_eval_args, run_eval, "perplexity of a checkpoint or fp model (JSON)"),
     "info": (add_info_args, run_info, "per-layer formats, bits per weight and size"),
+    "export": (add_export_args, run_export, "rewrite a uniform checkpoint for another runtime"),
 }
 
 
