@@ -14,11 +14,11 @@ import tempfile
 from pathlib import Path
 
 ROWS = {  # name: (method, options)
-    "4-off": ("gptq", {"bits": 4}), "4-act": ("gptq", {"bits": 4, "act_order": True}),
+    "4-off": ("gptq", {"bits": 4, "act_order": False}), "4-act": ("gptq", {"bits": 4, "act_order": True}),
     "4-static": ("gptq", {"bits": 4, "act_order": True, "static_groups": True}),
-    "3-off": ("gptq", {"bits": 3}), "3-act": ("gptq", {"bits": 3, "act_order": True}),
+    "3-off": ("gptq", {"bits": 3, "act_order": False}), "3-act": ("gptq", {"bits": 3, "act_order": True}),
     "3-static": ("gptq", {"bits": 3, "act_order": True, "static_groups": True}),
-    "2-act": ("gptq", {"bits": 2, "act_order": True}), "2-off": ("gptq", {"bits": 2}),
+    "2-act": ("gptq", {"bits": 2, "act_order": True}), "2-off": ("gptq", {"bits": 2, "act_order": False}),
     "rtn-4": ("rtn", {"bits": 4}), "rtn-3": ("rtn", {"bits": 3}), "rtn-2": ("rtn", {"bits": 2}),
 }
 

@@ -108,7 +108,7 @@ def test_damping_grows_until_cholesky_succeeds():
 
 
 @pytest.mark.parametrize("options,message", [
-    ({"static_groups": True}, "--static-groups"), ({"percdamp": -0.1}, "--percdamp"),
+    ({"static_groups": True, "act_order": False}, "--static-groups"), ({"percdamp": -0.1}, "--percdamp"),
     ({"hessian_dtype": "float16"}, "--hessian-dtype"), ({"bits": 7}, "--bits 7"),
     ({"blocksize": 0}, "--blocksize")])
 def test_config_errors(options, message):
