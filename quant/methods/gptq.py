@@ -15,7 +15,8 @@ import torch
 from quant.errors import ConfigError, ModelError
 from quant.formats.int_weight import IntWeight, check_int_config
 from quant.methods.base import register_method
-from quant.methods.intgrid import dequant_grid, effective_group_size, fit_grid, round_to_grid
+from quant.methods.intgrid import (IntGridOptions, dequant_grid, effective_group_size, fit_grid,
+                                   round_to_grid)
 
 DAMP_RETRIES = 6  # each retry multiplies the damping by 10
 
@@ -104,12 +105,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int, sym: b
 
 
 @dataclass(frozen=True)
-class GPTQConfig:
-    bits: int = field(default=4, metadata={"help": "bits per weight: 2, 3, 4, 5, 6 or 8"})
-    group_size: int | None = field(default=None, metadata={
-        "help": "input columns per scale/zero group; -1 = one group per output channel "
-                "(default: 128, or the largest power of two dividing the layer's input dim)"})
-    sym: bool = field(default=False, metadata={"help": "symmetric grid (zero point fixed at 2^(b-1))"})
+class GPTQConfig(IntGridOptions):
     # On by default: on the demo model it takes 4-bit g64 from 9.66 to 8.94 perplexity
     # (benchmarks/gptq-demo-cpu.json); --no-act-order drops the g_idx it stores.
     act_order: bool = field(default=True, metadata={
@@ -128,7 +124,7 @@ class GPTQConfig:
         "help": "float32 or float64 for H and the column loop"})
 
     def validate(self) -> "GPTQConfig":
-        check_int_config(self.bits, 128 if self.group_size is None else self.group_size)
+        super().validate()
         if self.static_groups and not self.act_order:
             raise ConfigError("--static-groups changes nothing without --act-order; add "
                               "--act-order or drop --static-groups")

@@ -7,7 +7,11 @@ Symmetric grids put the zero point at 2**(bits-1).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+
+from quant.formats.int_weight import check_int_config
 
 FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): keeps scales non-zero
 
@@ -72,3 +76,18 @@ def quantize_groups(w: torch.Tensor, bits: int, group_size: int, sym: bool):
     ngroups = in_features // size
     return (q.to(torch.int32), zero.view(out_features, ngroups).t().to(torch.int32).contiguous(),
             scale.view(out_features, ngroups).t().contiguous())
+
+
+@dataclass(frozen=True)
+class IntGridOptions:
+    """The options every integer-grid method shares."""
+
+    bits: int = field(default=4, metadata={"help": "bits per weight: 2, 3, 4, 5, 6 or 8"})
+    group_size: int | None = field(default=None, metadata={
+        "help": "input columns per scale/zero group; -1 = one group per output channel "
+                "(default: 128, or the largest power of two dividing the layer's input dim)"})
+    sym: bool = field(default=False, metadata={"help": "symmetric grid (zero point fixed at 2^(b-1))"})
+
+    def validate(self):
+        check_int_config(self.bits, 128 if self.group_size is None else self.group_size)
+        return self

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from quant.formats.int_weight import IntWeight, check_int_config
 from quant.methods.base import register_method
-from quant.methods.intgrid import effective_group_size, quantize_groups
+from quant.methods.intgrid import IntGridOptions, effective_group_size, quantize_groups
 
 
 @dataclass(frozen=True)
-class RTNConfig:
-    bits: int = field(default=4, metadata={"help": "bits per weight: 2, 3, 4, 5, 6 or 8"})
-    group_size: int | None = field(default=None, metadata={
-        "help": "input columns per scale/zero group; -1 = one group per output channel "
-                "(default: 128, or the largest power of two dividing the layer's input dim)"})
-    sym: bool = field(default=False, metadata={"help": "symmetric grid (zero point fixed at 2^(b-1))"})
-
-    def validate(self) -> "RTNConfig":
-        check_int_config(self.bits, 128 if self.group_size is None else self.group_size)
-        return self
+class RTNConfig(IntGridOptions):
+    """RTN takes only the shared integer-grid options."""
 
 
 @register_method("rtn")
