@@ -8,14 +8,12 @@ bf16 under the interpreter, whose bf16 arithmetic is wrong).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from quant.kernels.int_tiles import dequant_tile
-from quant.kernels.tuning import TileConfig, resolve_split_k
+from quant.kernels.tuning import TileConfig, interpreting, resolve_split_k
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -62,10 +60,6 @@ def _int_matmul_kernel(
 
     out = out_ptr + pid_k * stride_split + rm[:, None] * stride_om + rn[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:

@@ -42,9 +42,7 @@ def check_preference(preference: str) -> str:
 
 
 def _triton_runnable(x: torch.Tensor) -> bool:
-    import os
-
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return x.is_cuda or tuning.interpreting()
 
 
 def select(weight, x: torch.Tensor, preference: str = "auto"):

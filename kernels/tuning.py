@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,11 @@ DEFAULTS = {
     "gemm": ("fused", TileConfig(64, 128, 64, split_k=1, num_warps=4, num_stages=3)),
 }
 DEQUANT_TILE = TileConfig(1, 128, 64, num_warps=4, num_stages=1)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs under its CPU interpreter (TRITON_INTERPRET=1, set before import)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def regime(rows: int) -> str:

@@ -82,8 +82,9 @@ def dedupe_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # ---- checking ---------------------------------------------------------------------------
 
-def check_safetensors_file(path: Path) -> list[str]:
-    """Tensor names of a safetensors file whose header and size are consistent."""
+def check_safetensors_file(path: Path) -> dict[str, dict]:
+    """Header entries ({name: dtype, shape, data_offsets}) of a safetensors file whose header
+    and size are consistent."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -99,7 +100,7 @@ def check_safetensors_file(path: Path) -> list[str]:
     if 8 + n + end != size:
         raise CheckpointError(f"{path} is truncated or corrupt: {size} bytes on disk, "
                               f"its header describes {8 + n + end}")
-    return list(entries)
+    return entries
 
 
 def weight_files(directory: Path, allow_pickle: bool = False) -> list[Path]:

@@ -63,7 +63,7 @@ def export_gptq(directory: Path, out: Path, overwrite: bool = False) -> Path:
         own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
         if "bias" in own:
             exported[f"{name}.bias"] = own.pop("bias").half()
-        out_f, in_f = _shape(name, own, report)
+        out_f, in_f = _shape(name, report)
         weight = IntWeight.from_state_dict(own, config, out_f, in_f, where=name)
         exported.update(gptq_tensors(name, weight))
     gptq_config = {
@@ -82,7 +82,7 @@ def export_gptq(directory: Path, out: Path, overwrite: bool = False) -> Path:
     return Path(out)
 
 
-def _shape(name: str, tensors: dict, report: dict) -> tuple[int, int]:
+def _shape(name: str, report: dict) -> tuple[int, int]:
     if name in report:
         return tuple(report[name]["shape"])
     raise CheckpointError(f"{name}: the layer's shape is not in {checkpoint.REPORT}")

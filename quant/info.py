@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from quant import checkpoint
 from quant.formats import format_class, stored_bits
-
-
-def _header_tensors(path: Path) -> dict[str, dict]:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
 
 
 def describe(directory: Path) -> dict:
@@ -38,7 +29,7 @@ def describe(directory: Path) -> dict:
 
     files = checkpoint.weight_files(directory)
     on_disk = sum(f.stat().st_size for f in files)
-    other_params = sum(math.prod(t["shape"]) for f in files for name, t in _header_tensors(f).items()
+    other_params = sum(math.prod(t["shape"]) for f in files for name, t in checkpoint.check_safetensors_file(f).items()
                        if name.rsplit(".", 1)[0] not in qc["modules"])
     return {"directory": str(directory), "method": report.get("method"),
             "quantized_layers": len(layers), "layers": layers,
