@@ -30,10 +30,6 @@ def _triton_table() -> dict:
     }
 
 
-def _torch_reference(fmt: str):
-    return {"int": reference.int_matmul_reference}[fmt]
-
-
 def check_preference(preference: str) -> str:
     if preference not in PREFERENCES:
         raise ConfigError(f"kernel preference must be one of {', '.join(PREFERENCES)} "
@@ -48,8 +44,12 @@ def _triton_runnable(x: torch.Tensor) -> bool:
 def select(weight, x: torch.Tensor, preference: str = "auto"):
     """(name, callable(x2d, weight, config), config) that computes x2d @ W^T."""
     fmt, rows = weight.format_name, x.numel() // x.shape[-1]
-    if preference == "torch" or (preference == "auto" and not x.is_cuda):
-        return "torch", _torch_reference(fmt), None
+    has_kernels = any(key[0] == fmt for key in _triton_table())
+    if preference == "torch" or (preference == "auto" and not (x.is_cuda and has_kernels)):
+        return "torch", reference.matmul_reference, None
+    if not has_kernels:
+        raise ConfigError(f"there are no Triton kernels for the {fmt!r} format yet; use the "
+                          "torch kernels (kernels='torch' or 'auto')")
     if not _triton_runnable(x):
         raise ConfigError("the Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set "
                           "before importing quant to run them on the CPU")

@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 
 
-def int_matmul_reference(x: torch.Tensor, weight, config=None) -> torch.Tensor:
-    """x [M, K] @ W^T of an IntWeight: fp32 dequantize and fp32 matmul, result in x.dtype."""
+def matmul_reference(x: torch.Tensor, weight, config=None) -> torch.Tensor:
+    """x [M, K] @ W^T of any weight format: fp32 dequantize and fp32 matmul, result in x.dtype."""
     return (x.float() @ weight.dequantize(torch.float32).t()).to(x.dtype)
 
 
-def int_dequant_reference(weight, dtype: torch.dtype, config=None) -> torch.Tensor:
-    """W^T [K, N] of an IntWeight in `dtype`."""
+def dequant_reference(weight, dtype: torch.dtype, config=None) -> torch.Tensor:
+    """W^T [K, N] of any weight format in `dtype`."""
     return weight.dequantize(torch.float32).t().to(dtype)

@@ -7,6 +7,7 @@ Thin by design: arguments -> config dataclasses -> one library call. Library err
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import sys
@@ -95,6 +96,8 @@ def run_quantize(args) -> int:
     print(f"checkpoint: {out}  ({totals['quantized_layers']} layers, "
           f"{totals['bits_per_weight']:.3f} bits/weight, "
           f"{totals['bytes_on_disk'] / 2**20:.1f} MiB, {report['quantize_seconds']:.0f} s)")
+    schemes = collections.Counter(layer.get("scheme", "?") for layer in report["layers"].values())
+    print("layer formats: " + ", ".join(f"{n} x {s}" for s, n in schemes.most_common()))
     if not args.no_eval:
         device = resolve_device(args.device)
         fp = evaluate_ppl(args.model, device=device)

@@ -2,6 +2,8 @@
 
 GPTQ (v1): the `gptq` quant_method of transformers / GPTQModel / vLLM: qweight as ours,
 qzeros holding zero - 1 (the v1 convention), fp16 scales, and g_idx always present.
+AQLM: the `aqlm` quant_method of transformers + the aqlm package. Our codebook tensors
+already have its names and layout; only the config changes (`aqlm_config`).
 """
 
 from __future__ import annotations
@@ -88,7 +90,58 @@ def _shape(name: str, report: dict) -> tuple[int, int]:
     raise CheckpointError(f"{name}: the layer's shape is not in {checkpoint.REPORT}")
 
 
-EXPORTERS = {"gptq": export_gptq}
+def aqlm_config(layer: dict, not_quantized: list[str]) -> dict:
+    """transformers' AqlmConfig fields for one codebook shape; `not_quantized` are the
+    nn.Linear names left in full precision (AQLM lists their weights)."""
+    return {"quant_method": "aqlm", "in_group_size": layer["in_group_size"],
+            "out_group_size": layer["out_group_size"], "num_codebooks": layer["num_codebooks"],
+            "nbits_per_codebook": layer["nbits_per_codebook"],
+            "linear_weights_not_to_quantize": [f"{n}.weight" for n in not_quantized]}
+
+
+def export_aqlm(directory: Path, out: Path, overwrite: bool = False) -> Path:
+    directory = Path(directory)
+    checkpoint.verify(directory)
+    qc = checkpoint.read_quant_config(directory)
+    try:
+        config = uniform_config(qc["modules"], "aqlm")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; quantize with one shape, e.g. --codebooks 2x8 "
+                              "--in-group 8") from None
+    if config["format"] != "codebook":
+        raise CheckpointError(f"AQLM runtimes read codebook weights; this checkpoint has "
+                              f"{config['format']} layers")
+    tensors = checkpoint.load_tensors(directory)
+    exported = {k: (v.half() if k.endswith(".bias") else v) for k, v in tensors.items()}
+    model_config = json.loads((directory / "config.json").read_text())
+    model_config["quantization_config"] = aqlm_config(config, qc.get("modules_to_not_convert", []))
+    with checkpoint.atomic_dir(out, overwrite) as tmp:
+        checkpoint.write_json(tmp / "config.json", model_config)
+        _copy_side_files(directory, tmp)
+        checkpoint.save_weights(tmp, exported)
+    return Path(out)
+
+
+def lowbit_config_for_aqlm(directory: Path) -> dict:
+    """The lowbit quantization_config equivalent to an aqlm checkpoint's, so our layers
+    (and kernels) run it: every nn.Linear not listed as kept in full precision."""
+    from quant import models
+    from quant.traverse import find_linears
+
+    aqlm = json.loads((Path(directory) / "config.json").read_text())["quantization_config"]
+    kept = {n.removesuffix(".weight") for n in aqlm.get("linear_weights_not_to_quantize", [])}
+    layer = {"format": "codebook", **{k: aqlm[k] for k in (
+        "num_codebooks", "nbits_per_codebook", "in_group_size", "out_group_size")}}
+    if layer["out_group_size"] != 1:
+        raise CheckpointError(f"{directory}: AQLM with out_group_size "
+                              f"{layer['out_group_size']} is not supported (only 1)")
+    linears = find_linears(models.skeleton(Path(directory)))
+    return {"quant_method": checkpoint.QUANT_METHOD, "format_version": checkpoint.FORMAT_VERSION,
+            "modules": {name: dict(layer) for name in linears if name not in kept},
+            "modules_to_not_convert": sorted(kept)}
+
+
+EXPORTERS = {"gptq": export_gptq, "aqlm": export_aqlm}
 
 
 def export(directory: Path, fmt: str, out: Path, overwrite: bool = False) -> Path:

@@ -10,6 +10,7 @@ the dtypes of our empty parameters (int32 packs, fp16 scales) whatever `dtype` a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -67,18 +68,40 @@ def _register() -> None:
 _register()
 
 
+def _quant_method(directory: Path) -> str | None:
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # read_quant_config explains what is wrong
+    return (config.get("quantization_config") or {}).get("quant_method")
+
+
 def load(directory, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          verify: bool = True, kernels: str = "auto"):
     """Load a lowbit checkpoint with transformers, checking that our quantizer really ran
     (transformers silently skips an unknown quant_method). `kernels` picks the matmul
-    implementation: auto (Triton on CUDA, torch on CPU), torch, or triton."""
+    implementation: auto (Triton on CUDA, torch on CPU), torch, or triton. Also reads
+    checkpoints in the aqlm layout (`quant export --format aqlm`, AQLM hub models)."""
     from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
-    if verify:
-        checkpoint.verify(directory)
-    expected = checkpoint.read_quant_config(directory)["modules"]
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map=str(device))
+    extra = {}
+    if _quant_method(directory) == "aqlm":  # an aqlm export: run it on our codebook layers
+        from transformers import AutoConfig
+
+        from quant.export import lowbit_config_for_aqlm
+
+        for path in checkpoint.weight_files(directory):
+            checkpoint.check_safetensors_file(path)
+        config = AutoConfig.from_pretrained(directory)
+        config.quantization_config = lowbit_config_for_aqlm(directory)
+        expected, extra = config.quantization_config["modules"], {"config": config}
+    else:
+        if verify:
+            checkpoint.verify(directory)
+        expected = checkpoint.read_quant_config(directory)["modules"]
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map=str(device),
+                                                 **extra)
     found = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if found != set(expected):
         raise CheckpointError(

@@ -29,6 +29,7 @@ class QuantLinear(nn.Module):
                                   requires_grad=False) if bias else None)
         self.kernel_preference = "auto"  # auto | torch | triton (quant.kernels.ops)
         self._weight_cache = (None, None)
+        self._pinned = None  # a dense fp32 weight, only while the pipeline works on a block
 
     @classmethod
     def from_weight(cls, weight, bias: torch.Tensor | None = None) -> "QuantLinear":
@@ -52,7 +53,16 @@ class QuantLinear(nn.Module):
         return self._weight_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._pinned is not None and self._pinned.device == x.device:
+            y = (x.float() @ self._pinned.t()).to(x.dtype)  # = the torch reference's numerics
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         return ops.linear(x, self.quantized_weight(), self.bias, self.kernel_preference)
+
+    def pin_dense(self, weight: torch.Tensor | None) -> None:
+        """Compute with this fp32 dequantized weight until unpinned with None: the pipeline
+        runs each block over every calibration batch several times, and dequantizing for
+        each call (a gather per weight with act-order) would dominate on a CPU."""
+        self._pinned = None if weight is None else weight.float()
 
     def _apply(self, fn, recurse=True):
         # Casting the model (.half(), .to(bf16)) must not round the stored tensors: they

@@ -166,19 +166,24 @@ def quantize_block(block, linears: dict, method, inputs: BlockInputs, index: int
                 bar.set_postfix_str(",".join(name.split(".")[-1] for name in group))
                 quantized = quantize_linears(prefix, {n: linears[n] for n in group}, method,
                                              hessians.get(group[0]))
-                for name, (fmt, entry) in quantized.items():
-                    set_module(block, name, QuantLinear.from_weight(fmt, linears[name].bias))
+                for name, (fmt, dense, entry) in quantized.items():
+                    layer = QuantLinear.from_weight(fmt, linears[name].bias)
+                    layer.pin_dense(dense)
+                    set_module(block, name, layer)
                     reference[name] = linears[name]
                     modules[prefix + name] = fmt.config
                     report[prefix + name] = entry
         measured = propagate(block, inputs, index, device, None if groups else reference, replay)
+    for name in reference:
+        block.get_submodule(name).pin_dense(None)
     for name, err in measured.items():
         report[prefix + name]["rel_output_mse"] = err
     return modules, report
 
 
 def quantize_linears(prefix: str, linears: dict, method, hessian) -> dict[str, tuple]:
-    """{name: (format, report entry)} for linears sharing one input (and Hessian)."""
+    """{name: (format, fp32 dequantized weight, report entry)} for linears sharing one
+    input (and Hessian)."""
     weights = {}
     for name, linear in linears.items():
         weights[name] = linear.weight.data.float()
@@ -197,13 +202,13 @@ def quantize_linears(prefix: str, linears: dict, method, hessian) -> dict[str, t
         dequantized = fmt.dequantize(torch.float32)
         if not torch.isfinite(dequantized).all():
             raise ModelError(f"{prefix}{name}: quantization produced non-finite values")
-        entry = {**fmt.config, "shape": [fmt.out_features, fmt.in_features],
+        entry = {**fmt.config, "scheme": fmt.name, "shape": [fmt.out_features, fmt.in_features],
                  "bits_per_weight": round(fmt.bits_per_weight, 4),
                  "rel_weight_mse": float((dequantized - weight).pow(2).sum() / weight.pow(2).sum()),
                  "seconds": round(seconds * weight.shape[0] / rows, 3), **info}
         if hessian is not None:  # exact on the inputs the layer was quantized with
             entry["rel_output_mse"] = relative_output_error(weight, dequantized, hessian)
-        out[name] = (fmt, entry)
+        out[name] = (fmt, dequantized, entry)
     return out
 
 

@@ -113,7 +113,7 @@ def bench_case(bits, n, k, rows, group, device, timer, tune: bool) -> dict:
     from quant.kernels import ops, tuning
     from quant.kernels.int_dequant import dequant_matmul
     from quant.kernels.int_matmul import int_matmul
-    from quant.kernels.reference import int_matmul_reference
+    from quant.kernels.reference import matmul_reference
 
     weight = random_int_weight(n, k, bits, group, device)
     x = torch.randn(rows, k, device=device, dtype=torch.float16)
@@ -122,7 +122,7 @@ def bench_case(bits, n, k, rows, group, device, timer, tune: bool) -> dict:
 
     name, impl, config = ops.select(weight, x, "triton")
     y = impl(x, weight, config)
-    ref = int_matmul_reference(x, weight).float()
+    ref = matmul_reference(x, weight).float()
     rel_err = float((y.float() - ref).norm() / ref.norm())
     chosen = timer(lambda: impl(x, weight, config))
     alternatives = {"fused": timer(lambda: int_matmul(x, weight, config))[0] if name != "fused"

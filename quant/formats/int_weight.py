@@ -68,6 +68,11 @@ class IntWeight:
                 "sym": self.sym, "act_order": self.g_idx is not None}
 
     @property
+    def name(self) -> str:
+        group = "channel" if self.group_size == -1 else f"g{self.group_size}"
+        return f"int{self.bits} {group}" + (" act-order" if self.g_idx is not None else "")
+
+    @property
     def bits_per_weight(self) -> float:
         specs = self.tensor_specs(self.out_features, self.in_features, self.config)
         return stored_bits(specs) / (self.out_features * self.in_features)

@@ -1,6 +1,8 @@
 """Quantization methods, registered by name (DESIGN.md §2)."""
 
-from quant.methods import gptq, rtn  # noqa: F401  (register "gptq", "rtn")
+# Registration order is the order of --help; the integer methods come first.
+from quant.methods import gptq, rtn  # noqa: F401, I001
+from quant.methods import aqlm  # noqa: F401, E402
 from quant.methods.base import METHODS, get_method, make_method, register_method
 
 __all__ = ["METHODS", "get_method", "make_method", "register_method"]

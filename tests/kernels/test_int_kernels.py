@@ -13,7 +13,7 @@ from quant.kernels import int_matmul as int_matmul_module
 from quant.kernels import tuning
 from quant.kernels.int_dequant import dequant_matmul, int_dequant
 from quant.kernels.int_matmul import int_matmul
-from quant.kernels.reference import int_dequant_reference, int_matmul_reference
+from quant.kernels.reference import dequant_reference, matmul_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 # On a GPU machine these tests run the compiled kernels; elsewhere the interpreter.
@@ -45,7 +45,7 @@ def random_weight(out_f, in_f, bits, group, sym=False, act_order=False, seed=0):
 
 def assert_close_to_reference(y, x, weight):
     """|y - ref| <= 2u (|x| |W|^T + |ref|): the rounding of W and of the output to x's dtype."""
-    ref = int_matmul_reference(x.float(), weight).double().cpu()
+    ref = matmul_reference(x.float(), weight).double().cpu()
     w = weight.dequantize().abs().double().cpu()
     bound = x.float().abs().double().cpu() @ w.t() + ref.abs()
     err = (y.double().cpu() - ref).abs()
@@ -83,7 +83,7 @@ def test_int_matmul_matches_reference(bits, group, sym, act_order, n, k, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_int_dequant_matches_reference(bits, act_order, dtype):
     weight = random_weight(70, 192, bits, 64, act_order=act_order, seed=bits)
-    assert torch.equal(int_dequant(weight, dtype), int_dequant_reference(weight, dtype))
+    assert torch.equal(int_dequant(weight, dtype), dequant_reference(weight, dtype))
     x = torch.randn(3, 192).to(DEVICE, dtype)
     assert_close_to_reference(dequant_matmul(x, weight), x, weight)
 
@@ -92,7 +92,7 @@ def test_fp32_activations_and_rows_1():
     weight = random_weight(48, 128, 4, 32, seed=1)
     x = torch.randn(1, 128, device=DEVICE)
     y = int_matmul(x, weight, tuning.TileConfig(16, 32, 32, split_k=2))
-    assert torch.allclose(y, int_matmul_reference(x, weight), atol=1e-4, rtol=1e-4)
+    assert torch.allclose(y, matmul_reference(x, weight), atol=1e-4, rtol=1e-4)
 
 
 def test_shape_errors():
@@ -114,6 +114,7 @@ def test_every_kernel_compiles_for_sm90_within_shared_memory():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_sm90.py"), "--json"],
                           capture_output=True, text=True, env=env, timeout=1200)
     import json
+    assert proc.stdout.strip(), proc.stderr[-2000:]
     results = json.loads(proc.stdout)
     failed = [r for r in results if not r["ok"]]
     assert proc.returncode == 0 and not failed, failed[:3]

@@ -1,0 +1,179 @@
+"""AQLM (Egiazarian et al., 2024): additive quantization of each linear with M codebooks of
+2^B vectors of g weights, minimising the layer's output error with H = 2/n X X^T.
+
+Per layer: residual k-means on the row-normalised weight groups, then epochs of
+(codes by coordinate descent, codebooks by least squares, scales in closed form) until the
+relative improvement falls below `tol` (the math: quant/methods/codebooks.py).
+`--bits` picks the codebook shape per layer (`choose_shape`) unless `--codebooks` fixes it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from quant.errors import ConfigError
+from quant.formats.codebook_weight import MAX_CODEBOOK_BITS, CodebookWeight, check_codebook_config
+from quant.methods import codebooks as cb
+from quant.methods.base import register_method
+
+SCALE_BITS = 16  # one fp16 scale per output row
+
+
+@dataclass(frozen=True)
+class Shape:
+    num_codebooks: int
+    nbits: int
+    in_group: int
+
+    def __str__(self) -> str:
+        return f"{self.num_codebooks}x{self.nbits} g{self.in_group}"
+
+    @property
+    def code_bits(self) -> float:
+        return self.num_codebooks * self.nbits / self.in_group
+
+    def codebook_bits(self) -> int:
+        return self.num_codebooks * (1 << self.nbits) * self.in_group * 16
+
+    def bits_per_weight(self, out_features: int, in_features: int) -> float:
+        extra = self.codebook_bits() + SCALE_BITS * out_features
+        return self.code_bits + extra / (out_features * in_features)
+
+
+def candidate_shapes(bits: int) -> list[Shape]:
+    """Codebook shapes storing exactly `bits` code bits per weight, best first: bigger
+    codebooks (1x16 is the paper's 2-bit), then in-groups near 8, then fewer codebooks."""
+    shapes = [Shape(m, b, m * b // bits) for b in (16, 8) for m in range(1, 9)
+              if (m * b) % bits == 0 and m * b // bits in (2, 4, 8, 16)]
+    return sorted(shapes, key=lambda s: (-s.nbits, abs(s.in_group - 8), s.num_codebooks))
+
+
+def parse_codebooks(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)x(\d+)", text.strip())
+    if not match:
+        raise ConfigError(f"--codebooks must look like MxB, e.g. 1x16 or 2x8 (got {text!r})")
+    return int(match[1]), int(match[2])
+
+
+@dataclass(frozen=True)
+class AQLMConfig:
+    bits: int = field(default=2, metadata={
+        "help": "code bits per weight (aqlm: picks --codebooks/--in-group per layer)"})
+    codebooks: str | None = field(default=None, metadata={
+        "help": "aqlm: MxB, M codebooks of 2^B vectors (1x16, 2x8, 1x8...); default: "
+                "chosen per layer from --bits"})
+    in_group: int | None = field(default=None, metadata={
+        "help": "aqlm: weights per code group (default: --codebooks M*B / --bits)"})
+    codebook_budget: float = field(default=0.25, metadata={
+        "help": "aqlm: when choosing shapes, the largest codebook storage allowed as a "
+                "fraction of the layer's code storage"})
+    max_epochs: int = field(default=8, metadata={
+        "help": "aqlm: most (codes, codebooks, scales) rounds per layer"})
+    tol: float = field(default=1e-2, metadata={
+        "help": "aqlm: stop a layer when an epoch improves its error by less than this "
+                "fraction"})
+    kmeans_iters: int = field(default=10, metadata={"help": "aqlm: k-means iterations at init"})
+    cg_iters: int = field(default=10, metadata={
+        "help": "aqlm: conjugate-gradient iterations per codebook solve"})
+    init_seed: int = field(default=0, metadata={
+        "help": "aqlm: seed of the k-means initialisation"})
+
+    def validate(self) -> "AQLMConfig":
+        if not 1 <= self.bits <= 8:
+            raise ConfigError(f"--bits {self.bits} is not reachable by a codebook shape "
+                              "(aqlm supports 1 to 8 code bits per weight)")
+        if self.codebooks is not None:
+            m, b = parse_codebooks(self.codebooks)
+            g = self.in_group or (m * b // self.bits if (m * b) % self.bits == 0 else 0)
+            if not g:
+                raise ConfigError(f"--codebooks {self.codebooks} cannot store {self.bits} bits "
+                                  "per weight; give --in-group or another --bits")
+            check_codebook_config(m, b, g)
+        elif self.in_group is not None:
+            raise ConfigError("--in-group needs --codebooks (or drop it and let --bits choose)")
+        if self.codebook_budget <= 0:
+            raise ConfigError("--codebook-budget must be positive")
+        if self.max_epochs < 1 or self.kmeans_iters < 1 or self.cg_iters < 1:
+            raise ConfigError("--max-epochs, --kmeans-iters and --cg-iters must be positive")
+        if not 0 <= self.tol < 1:
+            raise ConfigError(f"--tol must be in [0, 1) (got {self.tol})")
+        return self
+
+
+@register_method("aqlm")
+class AQLM:
+    Config = AQLMConfig
+    needs_hessian = True
+    true_sequential = True
+    hessian_dtype = torch.float32
+    default_nsamples = 128
+
+    def __init__(self, config: AQLMConfig):
+        self.config = config
+
+    def choose_shape(self, out_features: int, in_features: int) -> tuple[Shape, str]:
+        """(shape, why) for a layer; raises ConfigError when none fits."""
+        c, groups_of = self.config, (lambda s: out_features * in_features // s.in_group)
+        if c.codebooks is not None:
+            m, b = parse_codebooks(c.codebooks)
+            shape = Shape(m, b, c.in_group or m * b // c.bits)
+            check_codebook_config(m, b, shape.in_group, in_features)
+            if groups_of(shape) < (1 << b):
+                raise ConfigError(
+                    f"--codebooks {c.codebooks}: a {1 << b}-vector codebook is larger than the "
+                    f"{groups_of(shape)} weight groups of a {out_features}x{in_features} layer; "
+                    "use a smaller codebook (e.g. 2x8) or let --bits choose")
+            return shape, "given"
+        fitting = [s for s in candidate_shapes(c.bits) if in_features % s.in_group == 0
+                   and groups_of(s) >= (1 << s.nbits) and s.nbits <= MAX_CODEBOOK_BITS]
+        if not fitting:
+            raise ConfigError(f"--bits {c.bits} is not reachable by any codebook shape for a "
+                              f"{out_features}x{in_features} layer")
+        code_storage = out_features * in_features * c.bits
+        for shape in fitting:
+            if shape.codebook_bits() <= c.codebook_budget * code_storage:
+                return shape, "within budget"
+        smallest = min(fitting, key=lambda s: s.codebook_bits())
+        return smallest, "smallest codebook (none within --codebook-budget)"
+
+    def check_layer(self, name: str, out_features: int, in_features: int) -> None:
+        try:
+            self.choose_shape(out_features, in_features)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor):
+        shape, why = self.choose_shape(*weight.shape)
+        result = quantize_layer(weight.float(), hessian.float(), shape, self.config)
+        fmt = CodebookWeight.from_parts(result["codes"], result["books"], result["scales"])
+        return fmt, {"codebooks": f"{shape.num_codebooks}x{shape.nbits}",
+                     "in_group": shape.in_group, "shape_choice": why,
+                     "epochs": result["epochs"], "aqlm_rel_loss": result["rel_loss"]}
+
+
+def quantize_layer(W: torch.Tensor, H: torch.Tensor, shape: Shape, config: AQLMConfig) -> dict:
+    """codes [out, J, M], books [M, K, g], scales [out] (fp16-representable) for W, H."""
+    out_features, in_features = W.shape
+    g = shape.in_group
+    generator = torch.Generator().manual_seed(config.init_seed)
+    norms = W.pow(2).mean(1).sqrt().clamp_min(cb.TINY_SCALE)
+    codes, books = cb.residual_kmeans((W / norms[:, None]).reshape(-1, g), shape.num_codebooks,
+                                      shape.nbits, config.kmeans_iters, generator)
+    codes = codes.view(out_features, in_features // g, shape.num_codebooks)
+    scales = cb.solve_scales(W, H, codes, books)
+    total = max(float(((W @ H) * W).sum()), 1e-30)
+    loss, epochs = cb.output_loss(W, cb.reconstruct(codes, books, scales), H), 0
+    for epochs in range(1, config.max_epochs + 1):
+        codes = cb.update_codes(W, H, codes, books, scales)
+        books = cb.solve_codebooks(W, H, codes, books, scales, iters=config.cg_iters)
+        books = books.half().float()  # what is stored; the scales then absorb the rounding
+        scales = cb.solve_scales(W, H, codes, books).half().float()
+        new = cb.output_loss(W, cb.reconstruct(codes, books, scales), H)
+        improved, loss = loss - new, new
+        if improved < config.tol * loss:
+            break
+    return {"codes": codes, "books": books, "scales": scales, "epochs": epochs,
+            "rel_loss": loss / total}

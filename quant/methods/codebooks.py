@@ -1,0 +1,168 @@
+"""Additive-codebook math for AQLM, minimising a layer's output error
+
+    L = tr((W - Ŵ) H (W - Ŵ)^T),  Ŵ[r, group j] = s_r * sum_m C_m[codes[r, j, m]]
+
+with H = 2/n X X^T. Three exact steps alternate, each never increasing L:
+- `update_codes`: for one group and codebook at a time (all rows at once), the code that
+  minimises L with every other code fixed, the pairwise H terms included through the
+  running gradient G = (W - Ŵ) H: coordinate descent, i.e. the reference's beam search
+  with beam width 1;
+- `solve_codebooks`: the least-squares codebooks for fixed codes and scales, by
+  preconditioned conjugate gradients on the normal equations (matvec = gather, @ H, scatter);
+- `solve_scales`: the closed-form scale of each row.
+Shapes: W [out, in], H [in, in], codes [out, J, M] int64 (J = in/g), books [M, K, g], s [out].
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCORE_ENTRIES = 1 << 23  # rows x codewords scored at once (32 MiB of fp32)
+TINY_SCALE = 2.0 ** -24  # smallest positive fp16
+KMEANS_SAMPLE_PER_CENTROID = 64
+
+
+def reconstruct(codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Ŵ [out, in]."""
+    out, groups, m = codes.shape
+    vectors = sum(books[i][codes[:, :, i]] for i in range(m))
+    return (vectors * scales[:, None, None]).reshape(out, groups * books.shape[2])
+
+
+def output_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    E = W - W_hat
+    return float(((E @ H) * E).sum())
+
+
+# ---- initialisation ------------------------------------------------------------------------
+
+def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator):
+    """(centroids [k, g], assignment [n]) of Lloyd's k-means on the rows of x [n, g], n >= k,
+    started from k distinct random rows; empty clusters keep their centroid. The Lloyd
+    steps see a random sample of KMEANS_SAMPLE_PER_CENTROID * k rows: scoring every row
+    against every centroid is memory-bound and this is only the initialisation."""
+    order = torch.randperm(x.shape[0], generator=generator)
+    centroids = x[order[:k]].clone()
+    sample = x[order[:KMEANS_SAMPLE_PER_CENTROID * k]]
+    for _ in range(iters):
+        assign = nearest(sample, centroids)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, sample)
+        counts = torch.bincount(assign, minlength=k)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled, None].to(x.dtype)
+    return centroids, nearest(x, centroids)
+
+
+def nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid (Euclidean) of each row of x, in row chunks."""
+    sq = centroids.pow(2).sum(1)
+    chunk = max(1, SCORE_ENTRIES // centroids.shape[0])
+    return torch.cat([torch.addmm(sq[None], part, centroids.t(), alpha=-2).argmin(1)
+                      for part in x.split(chunk)])
+
+
+def residual_kmeans(x: torch.Tensor, num_codebooks: int, nbits: int, iters: int,
+                    generator: torch.Generator):
+    """Codes [n, M] and codebooks [M, 2^B, g] for x [n, g]: codebook m clusters what the
+    earlier ones left. A codebook of more than 8 bits starts as every sum of two half-size
+    codebooks found the same way, so a 1x16 code begins where a 2x8 code ends."""
+    codes, books, residual = [], [], x.clone()
+    for _ in range(num_codebooks):
+        if nbits <= 8:
+            book, code = kmeans(residual, 1 << nbits, iters, generator)
+        else:
+            low = nbits // 2
+            pair_codes, (hi, lo) = residual_kmeans(residual, 2, nbits - low, iters, generator)
+            book = (hi[:, None, :] + lo[None, :, :]).reshape(1 << nbits, -1)
+            code = pair_codes[:, 0] * (1 << low) + pair_codes[:, 1]
+        residual -= book[code]
+        codes.append(code)
+        books.append(book)
+    return torch.stack(codes, 1), torch.stack(books)
+
+
+# ---- the three alternating steps -----------------------------------------------------------
+
+def update_codes(W, H, codes, books, scales) -> torch.Tensor:
+    """One coordinate-descent sweep over every (group, codebook); returns the new codes.
+
+    With the other codes fixed, choosing codeword c for (row r, group j, codebook m) changes
+    L by s^2 c^T H_jj c - 2 s c^T t_r + const, where t_r = G[r, j] + u_r H_jj, u_r is the
+    current codeword's contribution s_r C_m[codes[r, j, m]] and G = (W - Ŵ) H."""
+    codes = codes.clone()
+    m_books, _, g = books.shape
+    E = W - reconstruct(codes, books, scales)
+    G = E @ H
+    inv_s = 1 / scales[:, None]
+    for j in range(codes.shape[1]):
+        cols = slice(j * g, (j + 1) * g)
+        H_jj, H_j = H[cols, cols], H[cols]
+        for m in range(m_books):
+            book = books[m]
+            u = book[codes[:, j, m]] * scales[:, None]
+            target = (G[:, cols] + u @ H_jj) * inv_s  # t / s: the argmin is the same for s != 0
+            norms = ((book @ H_jj) * book).sum(1)
+            best = _argmin_scores(target, book, norms)
+            delta = u - book[best] * scales[:, None]  # the change of E in this group
+            codes[:, j, m] = best
+            E[:, cols] += delta
+            G.addmm_(delta, H_j)
+    return codes
+
+
+def _argmin_scores(target: torch.Tensor, book: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """argmin_c  norms[c] - 2 target[r] . book[c]  for each row r, in row chunks."""
+    chunk = max(1, SCORE_ENTRIES // book.shape[0])
+    return torch.cat([torch.addmm(norms[None], part, book.t(), alpha=-2).argmin(1)
+                      for part in target.split(chunk)])
+
+
+def solve_codebooks(W, H, codes, books, scales, iters: int = 20, ridge: float = 1e-6):
+    """The codebooks minimising L + ridge' ||C - books||^2 for fixed codes and scales (the
+    small proximal term keeps unused codewords where they are), by Jacobi-preconditioned
+    conjugate gradients started from `books`."""
+    out, groups, m_books = codes.shape
+    k, g = books.shape[1], books.shape[2]
+    index = [codes[:, :, i].reshape(-1) for i in range(m_books)]
+
+    def scatter(X):  # adjoint of reconstruct: [out, in] -> [M, K, g]
+        rows = (X.reshape(out, groups, g) * scales[:, None, None]).reshape(-1, g)
+        return torch.stack([torch.zeros(k, g, dtype=X.dtype, device=X.device)
+                            .index_add_(0, index[i], rows) for i in range(m_books)])
+
+    lam = ridge * float(torch.diag(H).mean()) * float(scales.pow(2).mean()) * out * groups / k
+    lam = max(lam, 1e-30)
+
+    def apply(D):
+        return scatter(reconstruct(codes, D, scales) @ H) + lam * D
+
+    rhs = scatter(W @ H) + lam * books
+    diag_h = torch.diag(H).expand(out, -1)
+    precond = 1 / (scatter(diag_h * scales[:, None]) + lam)
+    x = books.clone()
+    r = rhs - apply(x)
+    z = precond * r
+    p, rz = z.clone(), float((r * z).sum())
+    for _ in range(iters):
+        Ap = apply(p)
+        alpha = rz / max(float((p * Ap).sum()), 1e-30)
+        x += alpha * p
+        r -= alpha * Ap
+        z = precond * r
+        rz_next = float((r * z).sum())
+        if rz_next <= 1e-12 * rz:
+            break
+        p = z + (rz_next / rz) * p
+        rz = rz_next
+    return x
+
+
+def solve_scales(W, H, codes, books) -> torch.Tensor:
+    """s_r = (V_r H W_r^T) / (V_r H V_r^T) for the unscaled reconstruction V."""
+    ones = torch.ones(W.shape[0], dtype=W.dtype, device=W.device)
+    V = reconstruct(codes, books, ones)
+    VH = V @ H
+    den = (VH * V).sum(1)
+    scales = torch.where(den > 0, (VH * W).sum(1) / den.clamp_min(1e-30), ones)
+    # a zero scale would stop update_codes (it divides by s); the smallest fp16 stands in
+    return torch.where(scales.abs() < TINY_SCALE, TINY_SCALE, scales)
