@@ -21,13 +21,32 @@ PREFERENCES = ("auto", "torch", "triton")
 
 @functools.cache
 def _triton_table() -> dict:
+    from quant.kernels.codebook_matmul import codebook_dequant_matmul, codebook_gemv
     from quant.kernels.int_dequant import dequant_matmul
     from quant.kernels.int_matmul import int_matmul
 
     return {
         ("int", "gemv"): {"fused": int_matmul},
         ("int", "gemm"): {"fused": int_matmul, "dequant": dequant_matmul},
+        ("codebook", "gemv"): {"fused": codebook_gemv},
+        ("codebook", "gemm"): {"dequant": codebook_dequant_matmul},
     }
+
+
+def _has_kernels(weight) -> bool:
+    if weight.format_name == "codebook":
+        from quant.kernels.codebook_matmul import supported
+
+        return supported(weight)
+    return any(key[0] == weight.format_name for key in _triton_table())
+
+
+def _choose(weight, x: torch.Tensor, rows: int):
+    if weight.format_name == "codebook":
+        groups = weight.in_features // weight.in_group_size
+        return tuning.choose_codebook(x.device, weight.out_features, groups, rows)
+    return tuning.choose(x.device, weight.bits, weight.out_features, weight.in_features,
+                         weight.group_size, rows)
 
 
 def check_preference(preference: str) -> str:
@@ -44,17 +63,17 @@ def _triton_runnable(x: torch.Tensor) -> bool:
 def select(weight, x: torch.Tensor, preference: str = "auto"):
     """(name, callable(x2d, weight, config), config) that computes x2d @ W^T."""
     fmt, rows = weight.format_name, x.numel() // x.shape[-1]
-    has_kernels = any(key[0] == fmt for key in _triton_table())
-    if preference == "torch" or (preference == "auto" and not (x.is_cuda and has_kernels)):
+    if preference == "torch" or (preference == "auto" and not x.is_cuda):
         return "torch", reference.matmul_reference, None
-    if not has_kernels:
-        raise ConfigError(f"there are no Triton kernels for the {fmt!r} format yet; use the "
-                          "torch kernels (kernels='torch' or 'auto')")
+    if not _has_kernels(weight):
+        if preference == "auto":
+            return "torch", reference.matmul_reference, None
+        raise ConfigError(f"no Triton kernel runs this {fmt!r} layer ({weight.name}); use "
+                          "the torch kernels (kernels='torch' or 'auto')")
     if not _triton_runnable(x):
         raise ConfigError("the Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set "
                           "before importing quant to run them on the CPU")
-    name, config = tuning.choose(x.device, weight.bits, weight.out_features,
-                                 weight.in_features, weight.group_size, rows)
+    name, config = _choose(weight, x, rows)
     return name, _triton_table()[(fmt, tuning.regime(rows))][name], config
 
 

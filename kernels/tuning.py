@@ -38,6 +38,21 @@ DEFAULTS = {
 DEQUANT_TILE = TileConfig(1, 128, 64, num_warps=4, num_stages=1)
 
 
+@dataclass(frozen=True)
+class CodebookTile:
+    """Codebook kernels: BLOCK_N output rows x BLOCK_J code groups per program step."""
+
+    block_n: int
+    block_j: int
+    num_warps: int = 4
+
+
+CODEBOOK_DEFAULTS = {  # untuned (no GPU measurement yet)
+    "gemv": ("fused", CodebookTile(64, 16)),
+    "gemm": ("dequant", CodebookTile(32, 16)),
+}
+
+
 def interpreting() -> bool:
     """Whether Triton runs under its CPU interpreter (TRITON_INTERPRET=1, set before import)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -84,6 +99,16 @@ def choose(device: torch.device, bits: int, n: int, k: int, group_size: int,
         impl, config = "fused", TileConfig(16 if rows <= 16 else 64,
                                            min(2048, triton_next_pow2(n)), 64)
     return impl, fit_block_k(config, group_size)
+
+
+def choose_codebook(device: torch.device, n: int, groups: int,
+                    rows: int) -> tuple[str, CodebookTile]:
+    """(implementation, tile) for `rows` rows against a codebook weight of N rows and
+    `groups` code groups per row."""
+    impl, tile = CODEBOOK_DEFAULTS[regime(rows)]
+    if device.type != "cuda":  # the interpreter: few, wide program steps
+        tile = CodebookTile(min(256, triton_next_pow2(n)), min(64, triton_next_pow2(groups)))
+    return impl, tile
 
 
 def fit_block_k(config: TileConfig, group_size: int) -> TileConfig:

@@ -37,6 +37,8 @@ def parse_args(argv):
     p.add_argument("--tune", action="store_true", help="sweep tile configs, store the best")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU wiring check: shapes divided by 64, Triton interpreter, wall clock")
+    p.add_argument("--codebooks", nargs="*", default=["1x16g8", "2x8g8"],
+                   help="AQLM shapes MxBgG to bench (writes <device>-codebook.json); none: skip")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     return p.parse_args(argv)
 
@@ -147,7 +149,59 @@ def bench_case(bits, n, k, rows, group, device, timer, tune: bool) -> dict:
              "ms": best_tuned[2]}}
 
 
+def random_codebook_weight(n, k, m, nbits, g, device):
+    import torch
+
+    from quant.formats import CodebookWeight
+
+    gen = torch.Generator().manual_seed(m * 31 + nbits + n + k)
+    codes = torch.randint(0, 1 << nbits, (n, k // g, m), generator=gen)
+    books = torch.randn(m, 1 << nbits, g, generator=gen) * 0.05
+    return CodebookWeight.from_parts(codes, books, torch.rand(n, generator=gen) + 0.5).to(device)
+
+
+def bench_codebook_case(shape: str, n, k, rows, device, timer) -> dict:
+    import torch
+
+    from quant.kernels import ops, tuning
+    from quant.kernels.codebook_matmul import codebook_dequant_matmul, codebook_gemv
+    from quant.kernels.reference import matmul_reference
+
+    m, nbits, g = (int(v) for v in shape.replace("x", " ").replace("g", " ").split())
+    weight = random_codebook_weight(n, k, m, nbits, g, device)
+    x = torch.randn(rows, k, device=device, dtype=torch.float16)
+    dense = torch.randn(n, k, device=device, dtype=torch.float16).t()
+    fp16_ms = timer(lambda: x @ dense)
+    name, impl, config = ops.select(weight, x, "triton")
+    ref = matmul_reference(x, weight).float()
+    rel_err = float((impl(x, weight, config).float() - ref).norm() / ref.norm())
+    chosen = timer(lambda: impl(x, weight, config))
+    tiles = {r: tuning.CODEBOOK_DEFAULTS[r][1] if device.type == "cuda" else config
+             for r in ("gemv", "gemm")}
+    alternatives = {"fused": timer(lambda: codebook_gemv(x, weight, tiles["gemv"]))[0],
+                    "dequant": timer(lambda: codebook_dequant_matmul(x, weight, tiles["gemm"]))[0]}
+    moved = weight_bytes(weight) + x.numel() * 2 + rows * n * 2
+    return {"codebooks": shape, "n": n, "k": k, "rows": rows, "impl": name,
+            "config": dataclasses.asdict(config), "ms": chosen[0], "ms_p20": chosen[1],
+            "ms_p80": chosen[2], "fp16_ms": fp16_ms[0], "speedup_vs_fp16": fp16_ms[0] / chosen[0],
+            "alternatives_ms": alternatives, "gbps": moved / chosen[0] / 1e6,
+            "bits_per_weight": weight.bits_per_weight, "rel_err_vs_reference": rel_err}
+
+
 # ---- output ------------------------------------------------------------------------------
+
+def codebook_markdown(result: dict) -> str:
+    lines = [f"# codebook (AQLM) kernels on {result['device']}", "",
+             "times are medians (ms)" + ("; DRY RUN on CPU: shapes / 64, interpreter, not speed"
+                                         if result["dry_run"] else ""),
+             "", "| codebooks | N x K | batch | fp16 ms | lowbit ms | impl | speedup | GB/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in result["cases"]:
+        lines.append(f"| {c['codebooks']} | {c['n']}x{c['k']} | {c['rows']} | "
+                     f"{c['fp16_ms']:.4f} | {c['ms']:.4f} | {c['impl']} | "
+                     f"{c['speedup_vs_fp16']:.2f}x | {c['gbps']:.0f} |")
+    return "\n".join(lines) + "\n"
+
 
 def markdown(result: dict) -> str:
     lines = [f"# int kernels on {result['device']}", "",
@@ -207,6 +261,15 @@ def main(argv=None) -> int:
     if args.tune and not args.dry_run:
         print(f"tuned configs: {store_tuned(result, device_name)}", file=sys.stderr)
     print(stem.with_suffix(".md").read_text())
+    if args.codebooks:
+        codebook_cases = [bench_codebook_case(shape, n, max(16, k // 16 * 16), rows, device, timer)
+                          for shape, (n, k), rows in itertools.product(args.codebooks, shapes,
+                                                                        args.batches)]
+        stem = args.out / f"{gpu_slug(device_name)}-codebook"
+        result = {**{k: v for k, v in result.items() if k != "cases"}, "cases": codebook_cases}
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(codebook_markdown(result))
+        print(stem.with_suffix(".md").read_text())
     return 0
 
 

@@ -53,6 +53,29 @@ def variants():
         yield (f"int_dequant/b{bits}/g{group}{'/g_idx' if g_idx else ''}/{dname}",
                _int_dequant_kernel, signature, constexprs,
                {"num_warps": dq.num_warps, "num_stages": dq.num_stages})
+    yield from codebook_variants(dtypes)
+
+
+def codebook_variants(dtypes):
+    from quant.kernels import tuning
+    from quant.kernels.codebook_matmul import _codebook_dequant_kernel, _codebook_gemv_kernel
+
+    shapes = [(1, 16, 8), (2, 8, 8), (1, 8, 4), (4, 8, 16)]  # (M, B, g)
+    for (m, nbits, g), dname in itertools.product(shapes, dtypes):
+        codes = "*i8" if nbits <= 8 else "*i16"
+        for regime, kernel in (("gemv", _codebook_gemv_kernel), ("gemm", _codebook_dequant_kernel)):
+            tile = tuning.CODEBOOK_DEFAULTS[regime][1]
+            if regime == "gemv":
+                signature = {"x_ptr": f"*{dname}", "codes_ptr": codes, "books_ptr": "*fp16",
+                             "scales_ptr": "*fp16", "out_ptr": f"*{dname}", "M": "i32",
+                             "N": "i32", "J": "i32", "stride_xm": "i32", "stride_om": "i32"}
+            else:
+                signature = {"codes_ptr": codes, "books_ptr": "*fp16", "scales_ptr": "*fp16",
+                             "out_ptr": f"*{dname}", "N": "i32", "J": "i32"}
+            constexprs = {"NUM_CODEBOOKS": m, "NBITS": nbits, "G": g,
+                          "BLOCK_N": tile.block_n, "BLOCK_J": tile.block_j}
+            yield (f"codebook_{regime}/{m}x{nbits}/g{g}/{dname}", kernel, signature, constexprs,
+                   {"num_warps": tile.num_warps, "num_stages": 1})
 
 
 def compile_one(index: int) -> dict:

@@ -32,6 +32,11 @@ def test_bench_kernels_dry_run(tmp_path):
         assert set(case["alternatives_ms"]) == {"fused", "dequant"}
     table = (tmp_path / "cpu_dry_run-int.md").read_text()
     assert table.count("\n| ") == 1 + 20 and "DRY RUN" in table
+    codebook = json.loads((tmp_path / "cpu_dry_run-codebook.json").read_text())
+    assert len(codebook["cases"]) == 2 * 5 * 2  # 1x16g8 and 2x8g8, 5 shapes, 2 batches
+    for case in codebook["cases"]:
+        assert case["rel_err_vs_reference"] < 1e-2 and case["ms"] > 0
+        assert case["impl"] == ("fused" if case["rows"] <= 16 else "dequant")
 
 
 def test_tuned_configs_round_trip(tmp_path, monkeypatch):
