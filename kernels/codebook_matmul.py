@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quant.kernels.int_matmul import alloc, store_fp32
+from quant.kernels import buffers
 from quant.kernels.tuning import CodebookTile
 
 
@@ -93,7 +93,7 @@ def codebook_gemv(x: torch.Tensor, weight, config: CodebookTile) -> torch.Tensor
     x = _check(x, weight)
     M, N = x.shape[0], weight.out_features
     J = weight.in_features // weight.in_group_size
-    out = alloc((M, N), torch.float32 if store_fp32(x.dtype) else x.dtype, x.device)
+    out = buffers.alloc((M, N), buffers.store_dtype(x.dtype), x.device)
     grid = (triton.cdiv(N, config.block_n), M)
     _codebook_gemv_kernel[grid](
         x, weight.codes, weight.codebooks, weight.scales, out, M, N, J, x.stride(0), N,
@@ -106,7 +106,7 @@ def codebook_dequant(weight, dtype: torch.dtype, config: CodebookTile) -> torch.
     """The dense W [N, K] in `dtype`."""
     N, K = weight.out_features, weight.in_features
     J = K // weight.in_group_size
-    out = alloc((N, K), torch.float32 if store_fp32(dtype) else dtype, weight.codes.device)
+    out = buffers.alloc((N, K), buffers.store_dtype(dtype), weight.codes.device)
     grid = (triton.cdiv(N, config.block_n), triton.cdiv(J, config.block_j))
     _codebook_dequant_kernel[grid](
         weight.codes, weight.codebooks, weight.scales, out, N, J,

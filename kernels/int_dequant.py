@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quant.kernels.int_matmul import alloc, store_fp32
+from quant.kernels import buffers
 from quant.kernels.int_tiles import dequant_tile
 from quant.kernels.tuning import DEQUANT_TILE, TileConfig
 
@@ -30,7 +30,7 @@ def _int_dequant_kernel(
 def int_dequant(weight, dtype: torch.dtype, config: TileConfig = DEQUANT_TILE) -> torch.Tensor:
     """W^T as a dense [K, N] tensor of `dtype`."""
     K, N = weight.in_features, weight.out_features
-    out = alloc((K, N), torch.float32 if store_fp32(dtype) else dtype, weight.qweight.device)
+    out = buffers.alloc((K, N), buffers.store_dtype(dtype), weight.qweight.device)
     g_idx = weight.g_idx if weight.g_idx is not None else weight.qweight
     grid = (triton.cdiv(K, config.block_k), triton.cdiv(N, config.block_n))
     _int_dequant_kernel[grid](

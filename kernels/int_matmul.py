@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from quant.kernels import buffers
 from quant.kernels.int_tiles import dequant_tile
 from quant.kernels.tuning import TileConfig, interpreting, resolve_split_k
 
@@ -62,15 +63,6 @@ def _int_matmul_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """Output buffers of the launchers (one place, so tests can poison them)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def store_fp32(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and interpreting()
-
-
 def dot_dtype(dtype: torch.dtype):
     if dtype == torch.bfloat16 and interpreting():
         return tl.float32
@@ -90,11 +82,10 @@ def int_matmul(x: torch.Tensor, weight, config: TileConfig) -> torch.Tensor:
     config = resolve_split_k(config, M, N, K, x.device)
     group_size = K if weight.group_size == -1 else weight.group_size
     g_idx = weight.g_idx if weight.g_idx is not None else weight.qweight  # unused pointer
-    # 2. allocate: fp32 partial sums for split-K (and for bf16 under the interpreter,
-    # whose fp32 -> bf16 cast truncates instead of rounding)
+    # 2. allocate: fp32 partial sums for split-K
     split = config.split_k
-    out_dtype = torch.float32 if split > 1 or store_fp32(x.dtype) else x.dtype
-    out = alloc((split, M, N), out_dtype, x.device)
+    out_dtype = torch.float32 if split > 1 else buffers.store_dtype(x.dtype)
+    out = buffers.alloc((split, M, N), out_dtype, x.device)
     # 3. launch
     grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), split)
     _int_matmul_kernel[grid](

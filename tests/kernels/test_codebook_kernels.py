@@ -5,24 +5,13 @@ import pytest
 import torch
 
 from quant.formats import CodebookWeight
-from quant.kernels import int_matmul as int_matmul_module
 from quant.kernels import ops, tuning
 from quant.kernels.codebook_matmul import (codebook_dequant, codebook_dequant_matmul,
                                            codebook_gemv)
 from quant.kernels.reference import matmul_reference
+from tests.kernels.numerics import DEVICE, UNIT_ROUNDOFF
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -20}
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Output buffers start as NaN, so an element a kernel fails to write fails the test."""
-    def alloc(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(int_matmul_module, "alloc", alloc)
-    import quant.kernels.codebook_matmul as module
-    monkeypatch.setattr(module, "alloc", alloc)
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def random_weight(out_f, in_f, m, nbits, g, seed=0):

@@ -5,6 +5,7 @@ import torch
 
 import quant
 from quant.errors import ConfigError
+from quant.kernels import buffers
 from quant.kernels import int_matmul as int_matmul_module
 from quant.kernels import ops, tuning
 from quant.layers import QuantLinear, set_kernel_preference
@@ -49,8 +50,8 @@ def test_demo_checkpoint_triton_path_matches_torch_path(demo_rtn_dir, demo_token
     with torch.no_grad():
         torch_logits = model(ids).logits
         launches = []
-        real_alloc = int_matmul_module.alloc
-        monkeypatch.setattr(int_matmul_module, "alloc",
+        real_alloc = buffers.alloc
+        monkeypatch.setattr(buffers, "alloc",
                             lambda *a: launches.append(a) or real_alloc(*a))
         set_kernel_preference(model, "triton")
         triton_logits = model(ids).logits

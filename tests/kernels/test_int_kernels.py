@@ -9,24 +9,14 @@ import pytest
 import torch
 
 from quant.formats import IntWeight
-from quant.kernels import int_matmul as int_matmul_module
 from quant.kernels import tuning
 from quant.kernels.int_dequant import dequant_matmul, int_dequant
 from quant.kernels.int_matmul import int_matmul
 from quant.kernels.reference import dequant_reference, matmul_reference
+from tests.kernels.numerics import DEVICE, UNIT_ROUNDOFF
 
 ROOT = Path(__file__).resolve().parents[2]
-# On a GPU machine these tests run the compiled kernels; elsewhere the interpreter.
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -20}
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Every kernel output buffer starts as NaN, so an element a kernel fails to write fails."""
-    def alloc(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(int_matmul_module, "alloc", alloc)
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def random_weight(out_f, in_f, bits, group, sym=False, act_order=False, seed=0):
