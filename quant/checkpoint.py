@@ -115,17 +115,21 @@ def weight_files(directory: Path, allow_pickle: bool = False) -> list[Path]:
     raise CheckpointError(f"{directory} has no {WEIGHTS}")
 
 
-def read_quant_config(directory: Path) -> dict:
-    """The lowbit quantization_config of a checkpoint directory."""
+def read_model_config(directory: Path) -> dict:
+    """config.json of a model directory."""
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory} is not a model directory (no config.json)")
     try:
-        config = json.loads(config_path.read_text())
+        return json.loads(config_path.read_text())
     except json.JSONDecodeError:
         raise CheckpointError(f"{config_path} is not valid JSON") from None
-    qc = config.get("quantization_config") or {}
+
+
+def read_quant_config(directory: Path) -> dict:
+    """The lowbit quantization_config of a checkpoint directory."""
+    qc = read_model_config(directory).get("quantization_config") or {}
     if qc.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{directory} is not a lowbit checkpoint "
                               f"(quant_method: {qc.get('quant_method')!r})")

@@ -74,7 +74,7 @@ def export_gptq(directory: Path, out: Path, overwrite: bool = False) -> Path:
         "format": "gptq", "true_sequential": options.get("true_sequential", True),
         "damp_percent": options.get("percdamp", 0.01),
         "modules_to_not_convert": qc.get("modules_to_not_convert", [])}
-    model_config = json.loads((directory / "config.json").read_text())
+    model_config = checkpoint.read_model_config(directory)
     model_config["quantization_config"] = gptq_config
     with checkpoint.atomic_dir(out, overwrite) as tmp:
         checkpoint.write_json(tmp / "config.json", model_config)
@@ -113,7 +113,7 @@ def export_aqlm(directory: Path, out: Path, overwrite: bool = False) -> Path:
                               f"{config['format']} layers")
     tensors = checkpoint.load_tensors(directory)
     exported = {k: (v.half() if k.endswith(".bias") else v) for k, v in tensors.items()}
-    model_config = json.loads((directory / "config.json").read_text())
+    model_config = checkpoint.read_model_config(directory)
     model_config["quantization_config"] = aqlm_config(config, qc.get("modules_to_not_convert", []))
     with checkpoint.atomic_dir(out, overwrite) as tmp:
         checkpoint.write_json(tmp / "config.json", model_config)
@@ -122,20 +122,21 @@ def export_aqlm(directory: Path, out: Path, overwrite: bool = False) -> Path:
     return Path(out)
 
 
-def lowbit_config_for_aqlm(directory: Path) -> dict:
-    """The lowbit quantization_config equivalent to an aqlm checkpoint's, so our layers
-    (and kernels) run it: every nn.Linear not listed as kept in full precision."""
+def lowbit_config_for_aqlm(directory: Path, config) -> dict:
+    """The lowbit quantization_config equivalent to the aqlm one of `config` (the
+    checkpoint's transformers config), so our layers (and kernels) run it: every
+    nn.Linear not listed as kept in full precision."""
     from quant import models
     from quant.traverse import find_linears
 
-    aqlm = json.loads((Path(directory) / "config.json").read_text())["quantization_config"]
+    aqlm = config.quantization_config
     kept = {n.removesuffix(".weight") for n in aqlm.get("linear_weights_not_to_quantize", [])}
     layer = {"format": "codebook", **{k: aqlm[k] for k in (
         "num_codebooks", "nbits_per_codebook", "in_group_size", "out_group_size")}}
     if layer["out_group_size"] != 1:
         raise CheckpointError(f"{directory}: AQLM with out_group_size "
                               f"{layer['out_group_size']} is not supported (only 1)")
-    linears = find_linears(models.skeleton(Path(directory)))
+    linears = find_linears(models.skeleton(Path(directory), config))
     return {"quant_method": checkpoint.QUANT_METHOD, "format_version": checkpoint.FORMAT_VERSION,
             "modules": {name: dict(layer) for name in linears if name not in kept},
             "modules_to_not_convert": sorted(kept)}

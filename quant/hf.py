@@ -10,7 +10,6 @@ the dtypes of our empty parameters (int32 packs, fp16 scales) whatever `dtype` a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -68,14 +67,6 @@ def _register() -> None:
 _register()
 
 
-def _quant_method(directory: Path) -> str | None:
-    try:
-        config = json.loads((directory / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # read_quant_config explains what is wrong
-    return (config.get("quantization_config") or {}).get("quant_method")
-
-
 def load(directory, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          verify: bool = True, kernels: str = "auto"):
     """Load a lowbit checkpoint with transformers, checking that our quantizer really ran
@@ -86,7 +77,8 @@ def load(directory, device: str | torch.device = "cpu", dtype: torch.dtype = tor
 
     directory = Path(directory)
     extra = {}
-    if _quant_method(directory) == "aqlm":  # an aqlm export: run it on our codebook layers
+    quantization = checkpoint.read_model_config(directory).get("quantization_config") or {}
+    if quantization.get("quant_method") == "aqlm":  # an aqlm export: run it on our layers
         from transformers import AutoConfig
 
         from quant.export import lowbit_config_for_aqlm
@@ -94,7 +86,7 @@ def load(directory, device: str | torch.device = "cpu", dtype: torch.dtype = tor
         for path in checkpoint.weight_files(directory):
             checkpoint.check_safetensors_file(path)
         config = AutoConfig.from_pretrained(directory)
-        config.quantization_config = lowbit_config_for_aqlm(directory)
+        config.quantization_config = lowbit_config_for_aqlm(directory, config)
         expected, extra = config.quantization_config["modules"], {"config": config}
     else:
         if verify:

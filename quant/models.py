@@ -60,13 +60,14 @@ def check_weights(path: Path, allow_pickle: bool) -> None:
         raise ModelError(f"{path} has no model weights (*.safetensors)")
 
 
-def skeleton(path: Path):
-    """The model built on the meta device (no weights read): for checking a plan quickly."""
+def skeleton(path: Path, config=None):
+    """The model built on the meta device (no weights read): for checking a plan quickly.
+    `config`: the model's transformers config when the caller has read it already."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with _unsupported(path):
-        config = AutoConfig.from_pretrained(path)
+        config = config or AutoConfig.from_pretrained(path)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
 

@@ -9,7 +9,6 @@ the block. The checkpoint directory appears by one rename when every block is do
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -271,7 +270,7 @@ def restore_block(block, staging, index: int, prefix: str) -> tuple[dict, dict]:
 def write_checkpoint(staging, model, tokenizer, source: Path, quant_config: dict,
                      layers: dict, summary: dict) -> None:
     final = staging.final_dir()
-    config = json.loads((source / "config.json").read_text())
+    config = checkpoint.read_model_config(source)
     dtype = _torch_dtype(config.get("dtype") or config.get("torch_dtype"))
     config["quantization_config"] = quant_config
     checkpoint.write_json(final / "config.json", config)
