@@ -35,6 +35,19 @@ def check_codebook_config(num_codebooks: int, nbits: int, in_group_size: int,
                           f"{in_features}; choose a divisor of it")
 
 
+def codebook_config(num_codebooks: int, nbits: int, in_group_size: int) -> dict:
+    """The module config of a codebook layer (out_group_size is always 1 here)."""
+    return {"format": "codebook", "num_codebooks": num_codebooks, "nbits_per_codebook": nbits,
+            "in_group_size": in_group_size, "out_group_size": 1}
+
+
+def reconstruct(codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """W [out, in] from codes [out, J, M] (int64, in [0, 2^B)), books [M, 2^B, g], scales [out]."""
+    out, groups, m = codes.shape
+    vectors = sum(books[i][codes[:, :, i]] for i in range(m))
+    return (vectors * scales[:, None, None]).reshape(out, groups * books.shape[2])
+
+
 @register_format("codebook")
 class CodebookWeight:
     def __init__(self, codes, codebooks, scales, *, in_features: int, out_features: int):
@@ -56,9 +69,7 @@ class CodebookWeight:
 
     @property
     def config(self) -> dict:
-        return {"format": "codebook", "num_codebooks": self.num_codebooks,
-                "nbits_per_codebook": self.nbits, "in_group_size": self.in_group_size,
-                "out_group_size": 1}
+        return codebook_config(self.num_codebooks, self.nbits, self.in_group_size)
 
     @property
     def name(self) -> str:
@@ -111,8 +122,5 @@ class CodebookWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [out, in] this format represents (the torch reference)."""
-        codes = self.code_indices()
         books = self.codebooks.float()[:, :, 0, :]  # [M, 2^B, g]
-        groups = sum(books[m][codes[:, :, m]] for m in range(self.num_codebooks))
-        w = groups.reshape(self.out_features, self.in_features) * self.scales.float().view(-1, 1)
-        return w.to(dtype)
+        return reconstruct(self.code_indices(), books, self.scales.float().view(-1)).to(dtype)

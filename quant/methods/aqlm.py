@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import torch
 
 from quant.errors import ConfigError
-from quant.formats.codebook_weight import MAX_CODEBOOK_BITS, CodebookWeight, check_codebook_config
+from quant.formats import stored_bits
+from quant.formats.codebook_weight import CodebookWeight, check_codebook_config, codebook_config
 from quant.methods import codebooks as cb
 from quant.methods.base import register_method
-
-SCALE_BITS = 16  # one fp16 scale per output row
+from quant.stats import relative_output_error
 
 
 @dataclass(frozen=True)
@@ -31,16 +31,15 @@ class Shape:
     def __str__(self) -> str:
         return f"{self.num_codebooks}x{self.nbits} g{self.in_group}"
 
-    @property
-    def code_bits(self) -> float:
-        return self.num_codebooks * self.nbits / self.in_group
-
-    def codebook_bits(self) -> int:
-        return self.num_codebooks * (1 << self.nbits) * self.in_group * 16
+    def stored_bits(self, out_features: int, in_features: int, tensors=None) -> int:
+        """Bits a layer of this shape stores: all of them, or only the named `tensors`
+        (codes, codebooks, scales), counted by the format itself."""
+        config = codebook_config(self.num_codebooks, self.nbits, self.in_group)
+        specs = CodebookWeight.tensor_specs(out_features, in_features, config)
+        return stored_bits({k: v for k, v in specs.items() if tensors is None or k in tensors})
 
     def bits_per_weight(self, out_features: int, in_features: int) -> float:
-        extra = self.codebook_bits() + SCALE_BITS * out_features
-        return self.code_bits + extra / (out_features * in_features)
+        return self.stored_bits(out_features, in_features) / (out_features * in_features)
 
 
 def candidate_shapes(bits: int) -> list[Shape]:
@@ -81,18 +80,23 @@ class AQLMConfig:
     init_seed: int = field(default=0, metadata={
         "help": "aqlm: seed of the k-means initialisation"})
 
+    def given_shape(self) -> Shape | None:
+        """The shape --codebooks (and --in-group) fix, or None when --bits chooses."""
+        if self.codebooks is None:
+            return None
+        m, b = parse_codebooks(self.codebooks)
+        if not self.in_group and (m * b) % self.bits:
+            raise ConfigError(f"--codebooks {self.codebooks} cannot store {self.bits} bits "
+                              "per weight; give --in-group or another --bits")
+        shape = Shape(m, b, self.in_group or m * b // self.bits)
+        check_codebook_config(m, b, shape.in_group)
+        return shape
+
     def validate(self) -> "AQLMConfig":
         if not 1 <= self.bits <= 8:
             raise ConfigError(f"--bits {self.bits} is not reachable by a codebook shape "
                               "(aqlm supports 1 to 8 code bits per weight)")
-        if self.codebooks is not None:
-            m, b = parse_codebooks(self.codebooks)
-            g = self.in_group or (m * b // self.bits if (m * b) % self.bits == 0 else 0)
-            if not g:
-                raise ConfigError(f"--codebooks {self.codebooks} cannot store {self.bits} bits "
-                                  "per weight; give --in-group or another --bits")
-            check_codebook_config(m, b, g)
-        elif self.in_group is not None:
+        if self.given_shape() is None and self.in_group is not None:
             raise ConfigError("--in-group needs --codebooks (or drop it and let --bits choose)")
         if self.codebook_budget <= 0:
             raise ConfigError("--codebook-budget must be positive")
@@ -117,26 +121,28 @@ class AQLM:
     def choose_shape(self, out_features: int, in_features: int) -> tuple[Shape, str]:
         """(shape, why) for a layer; raises ConfigError when none fits."""
         c, groups_of = self.config, (lambda s: out_features * in_features // s.in_group)
-        if c.codebooks is not None:
-            m, b = parse_codebooks(c.codebooks)
-            shape = Shape(m, b, c.in_group or m * b // c.bits)
-            check_codebook_config(m, b, shape.in_group, in_features)
-            if groups_of(shape) < (1 << b):
+        shape = c.given_shape()
+        if shape is not None:
+            check_codebook_config(shape.num_codebooks, shape.nbits, shape.in_group, in_features)
+            if groups_of(shape) < (1 << shape.nbits):
                 raise ConfigError(
-                    f"--codebooks {c.codebooks}: a {1 << b}-vector codebook is larger than the "
-                    f"{groups_of(shape)} weight groups of a {out_features}x{in_features} layer; "
-                    "use a smaller codebook (e.g. 2x8) or let --bits choose")
+                    f"--codebooks {c.codebooks}: a {1 << shape.nbits}-vector codebook is larger "
+                    f"than the {groups_of(shape)} weight groups of a {out_features}x{in_features}"
+                    " layer; use a smaller codebook (e.g. 2x8) or let --bits choose")
             return shape, "given"
         fitting = [s for s in candidate_shapes(c.bits) if in_features % s.in_group == 0
-                   and groups_of(s) >= (1 << s.nbits) and s.nbits <= MAX_CODEBOOK_BITS]
+                   and groups_of(s) >= (1 << s.nbits)]
         if not fitting:
             raise ConfigError(f"--bits {c.bits} is not reachable by any codebook shape for a "
                               f"{out_features}x{in_features} layer")
-        code_storage = out_features * in_features * c.bits
+
+        def storage(s: Shape, tensor: str) -> int:
+            return s.stored_bits(out_features, in_features, [tensor])
+
         for shape in fitting:
-            if shape.codebook_bits() <= c.codebook_budget * code_storage:
+            if storage(shape, "codebooks") <= c.codebook_budget * storage(shape, "codes"):
                 return shape, "within budget"
-        smallest = min(fitting, key=lambda s: s.codebook_bits())
+        smallest = min(fitting, key=lambda s: storage(s, "codebooks"))
         return smallest, "smallest codebook (none within --codebook-budget)"
 
     def check_layer(self, name: str, out_features: int, in_features: int) -> None:
@@ -164,16 +170,15 @@ def quantize_layer(W: torch.Tensor, H: torch.Tensor, shape: Shape, config: AQLMC
                                       shape.nbits, config.kmeans_iters, generator)
     codes = codes.view(out_features, in_features // g, shape.num_codebooks)
     scales = cb.solve_scales(W, H, codes, books)
-    total = max(float(((W @ H) * W).sum()), 1e-30)
-    loss, epochs = cb.output_loss(W, cb.reconstruct(codes, books, scales), H), 0
+    loss, epochs = relative_output_error(W, cb.reconstruct(codes, books, scales), H), 0
     for epochs in range(1, config.max_epochs + 1):
         codes = cb.update_codes(W, H, codes, books, scales)
         books = cb.solve_codebooks(W, H, codes, books, scales, iters=config.cg_iters)
         books = books.half().float()  # what is stored; the scales then absorb the rounding
         scales = cb.solve_scales(W, H, codes, books).half().float()
-        new = cb.output_loss(W, cb.reconstruct(codes, books, scales), H)
+        new = relative_output_error(W, cb.reconstruct(codes, books, scales), H)
         improved, loss = loss - new, new
         if improved < config.tol * loss:
             break
     return {"codes": codes, "books": books, "scales": scales, "epochs": epochs,
-            "rel_loss": loss / total}
+            "rel_loss": loss}

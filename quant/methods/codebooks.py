@@ -10,28 +10,19 @@ with H = 2/n X X^T. Three exact steps alternate, each never increasing L:
 - `solve_codebooks`: the least-squares codebooks for fixed codes and scales, by
   preconditioned conjugate gradients on the normal equations (matvec = gather, @ H, scatter);
 - `solve_scales`: the closed-form scale of each row.
-Shapes: W [out, in], H [in, in], codes [out, J, M] int64 (J = in/g), books [M, K, g], s [out].
+Shapes: W [out, in], H [in, in], codes [out, J, M] int64 (J = in/g), books [M, K, g], s [out];
+Ŵ = reconstruct(codes, books, s) (the format's own dequantization).
 """
 
 from __future__ import annotations
 
 import torch
 
+from quant.formats.codebook_weight import reconstruct
+
 SCORE_ENTRIES = 1 << 23  # rows x codewords scored at once (32 MiB of fp32)
 TINY_SCALE = 2.0 ** -24  # smallest positive fp16
 KMEANS_SAMPLE_PER_CENTROID = 64
-
-
-def reconstruct(codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Ŵ [out, in]."""
-    out, groups, m = codes.shape
-    vectors = sum(books[i][codes[:, :, i]] for i in range(m))
-    return (vectors * scales[:, None, None]).reshape(out, groups * books.shape[2])
-
-
-def output_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
-    E = W - W_hat
-    return float(((E @ H) * E).sum())
 
 
 # ---- initialisation ------------------------------------------------------------------------
