@@ -82,5 +82,8 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
     """y = x @ W^T + bias for any quantized weight format `weight`."""
     _, impl, config = select(weight, x, preference)
     y = impl(x.reshape(-1, x.shape[-1]), weight, config)
-    y = y.reshape(*x.shape[:-1], weight.out_features)
+    return add_bias(y.reshape(*x.shape[:-1], weight.out_features), bias)
+
+
+def add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y + bias.to(y.dtype)

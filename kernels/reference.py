@@ -6,9 +6,14 @@ from __future__ import annotations
 import torch
 
 
+def dense_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ w^T for a dense fp32 w [N, K]: an fp32 matmul, result in x.dtype."""
+    return (x.float() @ w.t()).to(x.dtype)
+
+
 def matmul_reference(x: torch.Tensor, weight, config=None) -> torch.Tensor:
     """x [M, K] @ W^T of any weight format: fp32 dequantize and fp32 matmul, result in x.dtype."""
-    return (x.float() @ weight.dequantize(torch.float32).t()).to(x.dtype)
+    return dense_matmul(x, weight.dequantize(torch.float32))
 
 
 def dequant_reference(weight, dtype: torch.dtype, config=None) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from quant.formats import format_class
-from quant.kernels import ops
+from quant.kernels import ops, reference
 
 
 class QuantLinear(nn.Module):
@@ -54,8 +54,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._pinned is not None and self._pinned.device == x.device:
-            y = (x.float() @ self._pinned.t()).to(x.dtype)  # = the torch reference's numerics
-            return y if self.bias is None else y + self.bias.to(y.dtype)
+            return ops.add_bias(reference.dense_matmul(x, self._pinned), self.bias)
         return ops.linear(x, self.quantized_weight(), self.bias, self.kernel_preference)
 
     def pin_dense(self, weight: torch.Tensor | None) -> None:
