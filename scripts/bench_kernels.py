@@ -109,26 +109,41 @@ def candidates(rows: int, group: int):
     return [c for c in configs if group % c.block_k == 0]
 
 
+def measure(weight, x, timer) -> dict:
+    """The fields every case reports: fp16 and the dispatched kernel timed in the same run,
+    bandwidth and the error against the torch reference."""
+    import torch
+
+    from quant.kernels import ops
+    from quant.kernels.reference import matmul_reference
+
+    rows, n = x.shape[0], weight.out_features
+    dense = torch.randn(n, weight.in_features, device=x.device, dtype=torch.float16).t()
+    fp16_ms = timer(lambda: x @ dense)
+    name, impl, config = ops.select(weight, x, "triton")
+    ref = matmul_reference(x, weight).float()
+    rel_err = float((impl(x, weight, config).float() - ref).norm() / ref.norm())
+    chosen = timer(lambda: impl(x, weight, config))
+    moved = weight_bytes(weight) + x.numel() * 2 + rows * n * 2
+    return {"impl": name, "config": dataclasses.asdict(config) if config else None,
+            "ms": chosen[0], "ms_p20": chosen[1], "ms_p80": chosen[2],
+            "fp16_ms": fp16_ms[0], "speedup_vs_fp16": fp16_ms[0] / chosen[0],
+            "gbps": moved / chosen[0] / 1e6, "rel_err_vs_reference": rel_err}
+
+
 def bench_case(bits, n, k, rows, group, device, timer, tune: bool) -> dict:
     import torch
 
-    from quant.kernels import ops, tuning
+    from quant.kernels import tuning
     from quant.kernels.int_dequant import dequant_matmul
     from quant.kernels.int_matmul import int_matmul
-    from quant.kernels.reference import matmul_reference
 
     weight = random_int_weight(n, k, bits, group, device)
     x = torch.randn(rows, k, device=device, dtype=torch.float16)
-    dense = torch.randn(n, k, device=device, dtype=torch.float16).t()
-    fp16_ms = timer(lambda: x @ dense)
-
-    name, impl, config = ops.select(weight, x, "triton")
-    y = impl(x, weight, config)
-    ref = matmul_reference(x, weight).float()
-    rel_err = float((y.float() - ref).norm() / ref.norm())
-    chosen = timer(lambda: impl(x, weight, config))
-    alternatives = {"fused": timer(lambda: int_matmul(x, weight, config))[0] if name != "fused"
-                    else chosen[0],
+    case = measure(weight, x, timer)
+    config = tuning.TileConfig(**case["config"])
+    alternatives = {"fused": timer(lambda: int_matmul(x, weight, config))[0]
+                    if case["impl"] != "fused" else case["ms"],
                     "dequant": timer(lambda: dequant_matmul(x, weight))[0]}
     best_tuned = None
     if tune:
@@ -136,14 +151,8 @@ def bench_case(bits, n, k, rows, group, device, timer, tune: bool) -> dict:
                   for c in candidates(rows, group)]
         trials.append(("dequant", tuning.DEQUANT_TILE, alternatives["dequant"]))
         best_tuned = min(trials, key=lambda t: t[2])
-
-    moved = weight_bytes(weight) + x.numel() * 2 + rows * n * 2
-    return {"bits": bits, "n": n, "k": k, "rows": rows, "group_size": group,
-            "impl": name, "config": dataclasses.asdict(config) if config else None,
-            "ms": chosen[0], "ms_p20": chosen[1], "ms_p80": chosen[2],
-            "fp16_ms": fp16_ms[0], "speedup_vs_fp16": fp16_ms[0] / chosen[0],
-            "alternatives_ms": alternatives, "gbps": moved / chosen[0] / 1e6,
-            "rel_err_vs_reference": rel_err,
+    return {"bits": bits, "n": n, "k": k, "rows": rows, "group_size": group, **case,
+            "alternatives_ms": alternatives,
             "tuned": None if best_tuned is None else
             {"impl": best_tuned[0], "config": dataclasses.asdict(best_tuned[1]),
              "ms": best_tuned[2]}}
@@ -163,58 +172,55 @@ def random_codebook_weight(n, k, m, nbits, g, device):
 def bench_codebook_case(shape: str, n, k, rows, device, timer) -> dict:
     import torch
 
-    from quant.kernels import ops, tuning
+    from quant.kernels import tuning
     from quant.kernels.codebook_matmul import codebook_dequant_matmul, codebook_gemv
-    from quant.kernels.reference import matmul_reference
 
     m, nbits, g = (int(v) for v in shape.replace("x", " ").replace("g", " ").split())
     weight = random_codebook_weight(n, k, m, nbits, g, device)
     x = torch.randn(rows, k, device=device, dtype=torch.float16)
-    dense = torch.randn(n, k, device=device, dtype=torch.float16).t()
-    fp16_ms = timer(lambda: x @ dense)
-    name, impl, config = ops.select(weight, x, "triton")
-    ref = matmul_reference(x, weight).float()
-    rel_err = float((impl(x, weight, config).float() - ref).norm() / ref.norm())
-    chosen = timer(lambda: impl(x, weight, config))
-    tiles = {r: tuning.CODEBOOK_DEFAULTS[r][1] if device.type == "cuda" else config
-             for r in ("gemv", "gemm")}
+    case = measure(weight, x, timer)
+    tiles = {r: tuning.CODEBOOK_DEFAULTS[r][1] if device.type == "cuda"
+             else tuning.CodebookTile(**case["config"]) for r in ("gemv", "gemm")}
     alternatives = {"fused": timer(lambda: codebook_gemv(x, weight, tiles["gemv"]))[0],
                     "dequant": timer(lambda: codebook_dequant_matmul(x, weight, tiles["gemm"]))[0]}
-    moved = weight_bytes(weight) + x.numel() * 2 + rows * n * 2
-    return {"codebooks": shape, "n": n, "k": k, "rows": rows, "impl": name,
-            "config": dataclasses.asdict(config), "ms": chosen[0], "ms_p20": chosen[1],
-            "ms_p80": chosen[2], "fp16_ms": fp16_ms[0], "speedup_vs_fp16": fp16_ms[0] / chosen[0],
-            "alternatives_ms": alternatives, "gbps": moved / chosen[0] / 1e6,
-            "bits_per_weight": weight.bits_per_weight, "rel_err_vs_reference": rel_err}
+    return {"codebooks": shape, "n": n, "k": k, "rows": rows, **case,
+            "alternatives_ms": alternatives, "bits_per_weight": weight.bits_per_weight}
 
 
 # ---- output ------------------------------------------------------------------------------
 
-def codebook_markdown(result: dict) -> str:
-    lines = [f"# codebook (AQLM) kernels on {result['device']}", "",
-             "times are medians (ms)" + ("; DRY RUN on CPU: shapes / 64, interpreter, not speed"
-                                         if result["dry_run"] else ""),
-             "", "| codebooks | N x K | batch | fp16 ms | lowbit ms | impl | speedup | GB/s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for c in result["cases"]:
-        lines.append(f"| {c['codebooks']} | {c['n']}x{c['k']} | {c['rows']} | "
-                     f"{c['fp16_ms']:.4f} | {c['ms']:.4f} | {c['impl']} | "
-                     f"{c['speedup_vs_fp16']:.2f}x | {c['gbps']:.0f} |")
+DRY_RUN_NOTE = "; DRY RUN on CPU: shapes / 64, interpreter, not speed"
+
+
+def table(title: str, note: str, header: list[str], rows: list[list[str]]) -> str:
+    lines = [f"# {title}", "", note, "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def _timing_cells(c: dict) -> list[str]:
+    return [f"{c['n']}x{c['k']}", str(c["rows"]), f"{c['fp16_ms']:.4f}", f"{c['ms']:.4f}",
+            c["impl"], f"{c['speedup_vs_fp16']:.2f}x", f"{c['gbps']:.0f}"]
+
+
+TIMING_HEADER = ["N x K", "batch", "fp16 ms", "lowbit ms", "impl", "speedup", "GB/s"]
+
+
+def codebook_markdown(result: dict) -> str:
+    note = "times are medians (ms)" + (DRY_RUN_NOTE if result["dry_run"] else "")
+    rows = [[c["codebooks"], *_timing_cells(c)] for c in result["cases"]]
+    return table(f"codebook (AQLM) kernels on {result['device']}", note,
+                 ["codebooks", *TIMING_HEADER], rows)
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# int kernels on {result['device']}", "",
-             f"copy bandwidth {result['copy_gbps']:.0f} GB/s; group size "
-             f"{result['group_size']}; times are medians (ms)"
-             + ("; DRY RUN on CPU: shapes / 64, interpreter, not speed" if result["dry_run"] else ""),
-             "", "| bits | N x K | batch | fp16 ms | lowbit ms | impl | speedup | GB/s | % copy BW |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for c in result["cases"]:
-        lines.append(f"| {c['bits']} | {c['n']}x{c['k']} | {c['rows']} | {c['fp16_ms']:.4f} | "
-                     f"{c['ms']:.4f} | {c['impl']} | {c['speedup_vs_fp16']:.2f}x | "
-                     f"{c['gbps']:.0f} | {100 * c['gbps'] / result['copy_gbps']:.0f}% |")
-    return "\n".join(lines) + "\n"
+    note = (f"copy bandwidth {result['copy_gbps']:.0f} GB/s; group size {result['group_size']}; "
+            "times are medians (ms)" + (DRY_RUN_NOTE if result["dry_run"] else ""))
+    rows = [[str(c["bits"]), *_timing_cells(c), f"{100 * c['gbps'] / result['copy_gbps']:.0f}%"]
+            for c in result["cases"]]
+    return table(f"int kernels on {result['device']}", note,
+                 ["bits", *TIMING_HEADER, "% copy BW"], rows)
 
 
 def store_tuned(result: dict, device_name: str) -> Path:
