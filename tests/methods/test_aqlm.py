@@ -59,8 +59,11 @@ def test_codebook_solve_equals_the_float64_least_squares_solution():
         basis = torch.zeros(size, dtype=torch.float64)
         basis[t] = 1
         A[:, t] = cb.reconstruct(codes, basis.view_as(books), scales).reshape(-1)
-    metric = torch.block_diag(*[H] * out)
-    theta = torch.linalg.lstsq(A.t() @ metric @ A, A.t() @ metric @ W.reshape(-1)).solution
+    # e H e^T = ||U e||^2 with H = U^T U. A is rank-deficient (a constant moved from one
+    # codebook to the other leaves Ŵ unchanged), so solve the factored problem by SVD
+    # (gelsd) rather than the normal equations, whose pivoted QR differs between LAPACKs.
+    U = torch.block_diag(*[torch.linalg.cholesky(H).t()] * out)
+    theta = torch.linalg.lstsq(U @ A, U @ W.reshape(-1), driver="gelsd").solution
     exact = loss64(W, H, codes, theta.view_as(books), scales)
     assert loss64(W, H, codes, solved, scales) == pytest.approx(exact, rel=1e-8)
     assert loss64(W, H, codes, solved, scales) < loss64(W, H, codes, books, scales)
