@@ -8,6 +8,7 @@ the block. The checkpoint directory appears by one rename when every block is do
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -152,15 +153,20 @@ def quantize_block(block, linears: dict, method, inputs: BlockInputs, index: int
     Methods that need the Hessian get it per group of linears sharing an input; with
     true-sequential each group's inputs come through the already quantized groups."""
     modules, report, reference = {}, {}, {}
-    if method.needs_hessian:
-        groups = input_groups(block, linears, inputs, index, device)
-        stages = [[g] for g in groups] if method.true_sequential else [groups]
-    else:
-        groups, stages = [], [[[name] for name in linears]]
     with replay_finished_children(block, linears) as replay:
+        if method.needs_hessian:
+            with replay.learning_tails():
+                groups = input_groups(block, linears, inputs, index, device)
+            stages = [[g] for g in groups] if method.true_sequential else [groups]
+        else:
+            groups, stages = [], [[[name] for name in linears]]
         for stage in stages:
-            hessians = collect_hessians(block, stage, inputs, index, device,
-                                        method.hessian_dtype, replay) if groups else {}
+            # in true-sequential order everything upstream of a stage is final
+            recording = (replay.recording_tail_inputs(sum(stage, [])) if len(stages) > 1
+                         else contextlib.nullcontext())
+            with recording:
+                hessians = collect_hessians(block, stage, inputs, index, device,
+                                            method.hessian_dtype, replay) if groups else {}
             for group in stage:
                 bar.set_postfix_str(",".join(name.split(".")[-1] for name in group))
                 quantized = quantize_linears(prefix, {n: linears[n] for n in group}, method,

@@ -103,14 +103,25 @@ def run_block(block: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict],
 class _Replaying(nn.Module):
     """Stands in for a finished child: computes its output once per batch, then replays it."""
 
-    def __init__(self, child: nn.Module, replay: "ChildReplay"):
+    def __init__(self, name: str, child: nn.Module, replay: "ChildReplay"):
         super().__init__()
-        self.child, self.replay, self.outputs = child, replay, {}
+        self.name, self.child, self.replay, self.outputs = name, child, replay, {}
 
     def forward(self, *args, **kwargs):
-        if self.replay.batch not in self.outputs:
-            self.outputs[self.replay.batch] = self.child(*args, **kwargs)
-        return self.outputs[self.replay.batch]
+        batch = self.replay.batch
+        if batch not in self.outputs:
+            shortcut = self.replay.tail_output(self.name, batch)
+            self.outputs[batch] = self.child(*args, **kwargs) if shortcut is None else shortcut
+        return self.outputs[batch]
+
+
+@dataclass
+class _Tail:
+    """A child whose output is its linear `linear`'s output, alone (arity None) or first in
+    a tuple of `arity` whose other entries are None (attention without weights)."""
+
+    linear: str
+    arity: int | None
 
 
 class ChildReplay:
@@ -118,6 +129,11 @@ class ChildReplay:
     whose linears are all quantized. Such a child's input comes only from modules that ran
     before it, whose linears run earlier and are therefore quantized too, so every later
     pass over the same batch would recompute exactly the same output.
+
+    A child that ends in one of its linears (o_proj, down_proj: its "tail") need not be
+    recomputed at all when, in true-sequential order, the tail's input was recorded in the
+    pass that collected the tail's own statistics: everything upstream of the tail was
+    final by then, so the child's output is the quantized tail applied to that input.
 
     Set `batch` to the index of the calibration batch before each forward; call
     `refresh()` before each pass to start replaying newly finished children."""
@@ -130,6 +146,8 @@ class ChildReplay:
             if rest:
                 self.children.setdefault(child, []).append(name)
         self.originals: dict[str, nn.Module] = {}
+        self.tails: dict[str, _Tail] = {}
+        self.tail_inputs: dict[str, dict[int, tuple[torch.Tensor, torch.device]]] = {}
 
     def refresh(self) -> None:
         from quant.layers import QuantLinear
@@ -138,12 +156,72 @@ class ChildReplay:
             if child not in self.originals and all(
                     isinstance(self.block.get_submodule(n), QuantLinear) for n in names):
                 self.originals[child] = getattr(self.block, child)
-                setattr(self.block, child, _Replaying(self.originals[child], self))
+                setattr(self.block, child, _Replaying(child, self.originals[child], self))
 
     def restore(self) -> None:
         for child, module in self.originals.items():
             setattr(self.block, child, module)
         self.originals.clear()
+        self.tail_inputs.clear()
+
+    @contextlib.contextmanager
+    def learning_tails(self):
+        """Find, during the forwards run inside, the children whose output is exactly
+        (the same tensor object as) the output of one of their linears."""
+        produced = {}
+
+        def linear_hook(name):
+            def hook(module, args, output):
+                produced[name] = output
+            return hook
+
+        def child_hook(child):
+            def hook(module, args, output):
+                first, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
+                if rest is not None and any(r is not None for r in rest):
+                    return
+                for name in self.children[child]:
+                    if produced.get(name) is first:
+                        self.tails[child] = _Tail(name, None if rest is None else len(output))
+            return hook
+
+        handles = [self.block.get_submodule(n).register_forward_hook(linear_hook(n))
+                   for names in self.children.values() for n in names]
+        handles += [getattr(self.block, c).register_forward_hook(child_hook(c))
+                    for c in self.children]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def recording_tail_inputs(self, names: list[str]):
+        """Keep the input of each tail linear among `names` for every batch run inside.
+        Only sound in a pass after every linear upstream of `names` is final."""
+        def record(child):
+            def hook(module, args):
+                x = args[0].detach()
+                self.tail_inputs.setdefault(child, {})[self.batch] = (x.to("cpu"), x.device)
+            return hook
+
+        handles = [self.block.get_submodule(tail.linear)
+                   .register_forward_pre_hook(record(child), prepend=True)
+                   for child, tail in self.tails.items() if tail.linear in names]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def tail_output(self, child: str, batch: int):
+        """The child's output for `batch` from its tail's recorded input, or None."""
+        recorded = self.tail_inputs.get(child, {}).pop(batch, None)
+        if recorded is None:
+            return None
+        tail, (x, device) = self.tails[child], recorded
+        out = self.originals[child].get_submodule(tail.linear.partition(".")[2])(x.to(device))
+        return out if tail.arity is None else (out,) + (None,) * (tail.arity - 1)
 
 
 @contextlib.contextmanager

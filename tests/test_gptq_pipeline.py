@@ -68,12 +68,26 @@ def test_report_and_act_order_checkpoint(gptq_ckpt, tiny_dir, demo_tokenizer):
         assert torch.allclose(model(ids).logits, expected, atol=1e-4)
 
 
-def test_replaying_finished_children_changes_nothing(tiny_dir, gptq_ckpt, tmp_path, monkeypatch):
+def test_replaying_finished_children_changes_nothing(tiny_dir, tmp_path, monkeypatch):
+    job = lambda out: QuantizeJob("gptq", {"bits": 3, "group_size": 32, "act_order": True},
+                                  str(tiny_dir), CALIB, tmp_path / out, progress=False)
+    shortcuts = []
+    tail_output = quant.traverse.ChildReplay.tail_output
+
+    def spy(self, child, batch):
+        out = tail_output(self, child, batch)
+        shortcuts.append((child, self.tails[child].linear, out is not None))
+        return out
+
+    monkeypatch.setattr(quant.traverse.ChildReplay, "tail_output", spy)
+    replayed = quantize(job("replay"))
+    # every block's attention and MLP came from their quantized tails' recorded inputs
+    assert sorted(set(shortcuts)) == [("mlp", "mlp.down_proj", True),
+                                      ("self_attn", "self_attn.o_proj", True)]
     monkeypatch.setattr(quant.traverse.ChildReplay, "refresh", lambda self: None)
-    out = quantize(QuantizeJob("gptq", {"bits": 3, "group_size": 32, "act_order": True},
-                               str(tiny_dir), CALIB, tmp_path / "no-replay", progress=False))
-    a = load_file(str(gptq_ckpt / "model.safetensors"))
-    b = load_file(str(out / "model.safetensors"))
+    recomputed = quantize(job("no-replay"))
+    a = load_file(str(replayed / "model.safetensors"))
+    b = load_file(str(recomputed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
