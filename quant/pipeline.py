@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from quant import checkpoint, models
 from quant.data import CalibConfig, calibration_windows
 from quant.errors import ConfigError, ModelError
+from quant.finetune import block_outputs, finetune_block, norm_parameters
 from quant.formats import format_class
 from quant.formats.int_weight import PACKING
 from quant.layers import QuantLinear, set_module
@@ -153,6 +154,8 @@ def quantize_block(block, linears: dict, method, inputs: BlockInputs, index: int
     Methods that need the Hessian get it per group of linears sharing an input; with
     true-sequential each group's inputs come through the already quantized groups."""
     modules, report, reference = {}, {}, {}
+    tuning = getattr(method, "finetune", None)
+    targets = block_outputs(block, inputs, index, device) if tuning else None
     with replay_finished_children(block, linears) as replay:
         if method.needs_hessian:
             with replay.learning_tails():
@@ -178,7 +181,16 @@ def quantize_block(block, linears: dict, method, inputs: BlockInputs, index: int
                     reference[name] = linears[name]
                     modules[prefix + name] = fmt.config
                     report[prefix + name] = entry
-        measured = propagate(block, inputs, index, device, None if groups else reference, replay)
+        if not tuning:
+            measured = propagate(block, inputs, index, device, None if groups else reference,
+                                 replay)
+    if tuning:  # after the replay: tuning changes what the finished children compute
+        tuned = finetune_block(block, inputs, index, device, targets, tuning)
+        measured = propagate(block, inputs, index, device, None if groups else reference)
+        for name in reference:
+            report[prefix + name]["block_finetune"] = {
+                "steps": tuning.steps, "rel_block_output_mse_before": tuned["before"],
+                "rel_block_output_mse_after": tuned["after"]}
     for name in reference:
         block.get_submodule(name).pin_dense(None)
     for name, err in measured.items():
@@ -247,8 +259,11 @@ def propagate(block, inputs: BlockInputs, index: int, device,
 
 
 def quantized_tensors(block, prefix: str) -> dict[str, torch.Tensor]:
-    return {prefix + name: t.detach() for name, t in block.state_dict().items()
-            if _is_quantized_tensor(block, name)}
+    """What a finished block changed: its QuantLinears' tensors and (block fine-tuning
+    tunes them) its norms."""
+    norms = {id(p) for p in norm_parameters(block)}
+    return {prefix + name: t.detach() for name, t in block.state_dict(keep_vars=True).items()
+            if _is_quantized_tensor(block, name) or id(t) in norms}
 
 
 def _is_quantized_tensor(block, name: str) -> bool:
@@ -268,6 +283,10 @@ def restore_block(block, staging, index: int, prefix: str) -> tuple[dict, dict]:
         fmt = format_class(config).from_state_dict(own, config, linear.out_features,
                                                    linear.in_features, where=full)
         set_module(block, name, QuantLinear.from_weight(fmt, bias).to(linear.weight.device))
+    with torch.no_grad():  # the norms, as block fine-tuning left them
+        for full, tensor in tensors.items():
+            if not any(full.startswith(module + ".") for module in modules):
+                block.get_parameter(full[len(prefix):]).copy_(tensor)
     return modules, report
 
 

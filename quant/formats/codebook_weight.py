@@ -124,3 +124,15 @@ class CodebookWeight:
         """The float weight [out, in] this format represents (the torch reference)."""
         books = self.codebooks.float()[:, :, 0, :]  # [M, 2^B, g]
         return reconstruct(self.code_indices(), books, self.scales.float().view(-1)).to(dtype)
+
+    # ---- block fine-tuning (quant.finetune): codes frozen, codebooks and scales tuned --
+    def tunable(self) -> dict[str, torch.Tensor]:
+        return {"codebooks": self.codebooks.float()[:, :, 0, :].clone(),
+                "scales": self.scales.float().view(-1).clone()}
+
+    def dequantize_tunable(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return reconstruct(self.code_indices(), parts["codebooks"], parts["scales"])
+
+    def with_tunable(self, parts: dict[str, torch.Tensor]) -> "CodebookWeight":
+        return CodebookWeight.from_parts(self.code_indices(), parts["codebooks"],
+                                         parts["scales"])

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from quant.errors import ConfigError
+from quant.finetune import FinetuneConfig
 from quant.formats import stored_bits
 from quant.formats.codebook_weight import CodebookWeight, check_codebook_config, codebook_config
 from quant.methods import codebooks as cb
@@ -79,6 +80,11 @@ class AQLMConfig:
         "help": "aqlm: conjugate-gradient iterations per codebook solve"})
     init_seed: int = field(default=0, metadata={
         "help": "aqlm: seed of the k-means initialisation"})
+    finetune_steps: int = field(default=0, metadata={
+        "help": "aqlm: Adam steps per block tuning codebooks, scales and norms to the fp "
+                "block's outputs (codes frozen), one calibration batch each; 0: off"})
+    finetune_lr: float = field(default=1e-4, metadata={
+        "help": "aqlm: learning rate of the block fine-tuning"})
 
     def given_shape(self) -> Shape | None:
         """The shape --codebooks (and --in-group) fix, or None when --bits chooses."""
@@ -102,6 +108,8 @@ class AQLMConfig:
             raise ConfigError("--codebook-budget must be positive")
         if self.max_epochs < 1 or self.kmeans_iters < 1 or self.cg_iters < 1:
             raise ConfigError("--max-epochs, --kmeans-iters and --cg-iters must be positive")
+        if self.finetune_steps < 0 or self.finetune_lr <= 0:
+            raise ConfigError("--finetune-steps must be >= 0 and --finetune-lr positive")
         if not 0 <= self.tol < 1:
             raise ConfigError(f"--tol must be in [0, 1) (got {self.tol})")
         return self
@@ -117,6 +125,12 @@ class AQLM:
 
     def __init__(self, config: AQLMConfig):
         self.config = config
+
+    @property
+    def finetune(self) -> FinetuneConfig | None:
+        """The pipeline's block fine-tuning stage, when asked for."""
+        c = self.config
+        return FinetuneConfig(c.finetune_steps, c.finetune_lr) if c.finetune_steps else None
 
     def choose_shape(self, out_features: int, in_features: int) -> tuple[Shape, str]:
         """(shape, why) for a layer; raises ConfigError when none fits."""

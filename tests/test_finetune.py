@@ -1,0 +1,116 @@
+"""Block fine-tuning of AQLM layers: codes frozen, codebooks/scales/norms tuned to the fp
+block's outputs; never worse than before; persisted (norms included) and resumable."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+import quant
+from quant import checkpoint
+from quant.data import CalibConfig, calibration_windows
+from quant.finetune import FinetuneConfig, block_outputs, finetune_block, relative_error
+from quant.formats.codebook_weight import CodebookWeight
+from quant.layers import QuantLinear
+from quant.methods import make_method
+from quant.models import load_fp
+from quant.pipeline import QuantizeJob, quantize, quantize_block, quantized_tensors, restore_block
+from quant.traverse import capture_block_inputs, find_blocks, find_linears
+
+CALIB = CalibConfig("wiki-demo", nsamples=8, seqlen=64, seed=0)
+OPTIONS = {"codebooks": "2x6", "in_group": 4, "bits": 3, "max_epochs": 2}
+
+
+def test_tunable_parts_reproduce_the_format_and_round_to_storage():
+    gen = torch.Generator().manual_seed(0)
+    fmt = CodebookWeight.from_parts(torch.randint(0, 64, (6, 3, 2), generator=gen),
+                                    torch.randn(2, 64, 4, generator=gen),
+                                    torch.rand(6, generator=gen) + 0.5)
+    parts = fmt.tunable()
+    assert torch.equal(fmt.dequantize_tunable(parts), fmt.dequantize())
+    parts = {k: v + 0.01 for k, v in parts.items()}
+    tuned = fmt.with_tunable(parts)
+    assert torch.equal(tuned.codes, fmt.codes)
+    assert torch.equal(tuned.codebooks[:, :, 0].float(), parts["codebooks"].half().float())
+    assert torch.equal(tuned.scales.view(-1).float(), parts["scales"].half().float())
+
+
+@pytest.fixture(scope="module")
+def quantized_block(tiny_dir, demo_tokenizer):
+    """Block 0 of the tiny model, AQLM-quantized (no tuning), its inputs and fp targets."""
+    model = load_fp(tiny_dir, torch.float32)
+    prefix, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks, calibration_windows(CALIB, demo_tokenizer), 4)
+    block = blocks[0]
+    targets = block_outputs(block, inputs, 0, "cpu")
+    hidden = list(inputs.hidden)
+    quantize_block(block, find_linears(block), make_method("aqlm", **OPTIONS), inputs, 0,
+                   f"{prefix}.0.", "cpu", tqdm(disable=True))
+    inputs.hidden = hidden
+    return block, inputs, targets
+
+
+def tensors_of(block):
+    return {k: v.detach().clone() for k, v in block.state_dict().items()}
+
+
+def test_tuning_lowers_the_block_error_and_keeps_codes(quantized_block):
+    block, inputs, targets = quantized_block
+    block = copy.deepcopy(block)
+    start = tensors_of(block)
+    result = finetune_block(block, inputs, 0, "cpu", targets, FinetuneConfig(steps=20, lr=3e-3))
+    assert result["after"] < 0.9 * result["before"]
+    assert result["after"] == pytest.approx(relative_error(block, inputs, 0, "cpu", targets))
+    end = tensors_of(block)
+    for name in start:
+        changed = not torch.equal(start[name], end[name])
+        assert changed == (name.endswith(("codebooks", "scales")) or "norm" in name), name
+
+
+def test_tuning_that_hurts_is_undone(quantized_block):
+    block, inputs, targets = quantized_block
+    block = copy.deepcopy(block)
+    start = tensors_of(block)
+    result = finetune_block(block, inputs, 0, "cpu", targets, FinetuneConfig(steps=3, lr=10.0))
+    assert result["after"] == result["before"]
+    assert all(torch.equal(v, tensors_of(block)[k]) for k, v in start.items())
+
+
+def test_a_tuned_block_is_restored_with_its_norms(quantized_block, tmp_path):
+    block, inputs, targets = quantized_block
+    block = copy.deepcopy(block)
+    finetune_block(block, inputs, 0, "cpu", targets, FinetuneConfig(steps=5, lr=3e-3))
+    modules = {f"model.layers.0.{n}": m.config for n, m in block.named_modules()
+               if isinstance(m, QuantLinear)}
+    staging = checkpoint.Staging(tmp_path / "out")
+    staging.open({"run": 1}, resume=False, overwrite=False)
+    staging.save_block(0, quantized_tensors(block, "model.layers.0."), modules, {})
+    fresh = copy.deepcopy(quantized_block[0])
+    for name, m in fresh.named_modules():  # back to plain linears, as a resumed run has them
+        if isinstance(m, QuantLinear):
+            linear = torch.nn.Linear(m.in_features, m.out_features, bias=False)
+            quant.layers.set_module(fresh, name, linear)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+    restore_block(fresh, staging, 0, "model.layers.0.")
+    assert tensors_of(fresh).keys() == tensors_of(block).keys()
+    assert all(torch.equal(v, tensors_of(fresh)[k]) for k, v in tensors_of(block).items())
+
+
+def test_pipeline_tunes_each_block_and_writes_the_tuned_norms(tiny_dir, tmp_path):
+    out = quantize(QuantizeJob("aqlm", {**OPTIONS, "finetune_steps": 6, "finetune_lr": 3e-3},
+                               str(tiny_dir), CALIB, tmp_path / "q", progress=False))
+    report = json.loads((out / "quant_report.json").read_text())["layers"]
+    tuned = [entry["block_finetune"] for entry in report.values()]
+    assert all(t["steps"] == 6 and t["rel_block_output_mse_after"]
+               <= t["rel_block_output_mse_before"] for t in tuned)
+    assert any(t["rel_block_output_mse_after"] < t["rel_block_output_mse_before"] for t in tuned)
+    written = load_file(str(out / "model.safetensors"))
+    source = load_file(str(tiny_dir / "model.safetensors"))
+    norms = [k for k in source if "layernorm" in k and k.startswith("model.layers.")]
+    assert any(not torch.equal(written[k], source[k]) for k in norms)
