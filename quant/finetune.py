@@ -31,15 +31,18 @@ def block_outputs(block, inputs: BlockInputs, index: int, device) -> list[torch.
 
 
 def relative_error(block, inputs: BlockInputs, index: int, device,
-                   targets: list[torch.Tensor]) -> float:
-    """sum ||block(x) - target||^2 / sum ||target||^2 over every calibration batch."""
+                   targets: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+    """(sum ||block(x) - target||^2 / sum ||target||^2 over every calibration batch, the
+    block's outputs)."""
     num = den = 0.0
+    outputs = []
     with torch.no_grad():
         for out, target in zip(run_batches(block, inputs, index, device), targets):
             target = target.to(out.device, out.dtype)
             num += float((out - target).float().pow(2).sum())
             den += float(target.float().pow(2).sum())
-    return num / max(den, 1e-30)
+            outputs.append(out)
+    return num / max(den, 1e-30), outputs
 
 
 def tunable_layers(block) -> dict[str, QuantLinear]:
@@ -58,19 +61,36 @@ def norm_parameters(block) -> list[torch.nn.Parameter]:
 
 def finetune_block(block, inputs: BlockInputs, index: int, device,
                    targets: list[torch.Tensor], config: FinetuneConfig) -> dict:
-    """Tune the block in place; returns {"before", "after"} relative output errors. When
-    tuning made the error worse (it minimises the rounded-to-storage error only
-    approximately), everything is put back."""
+    """Tune the block in place; returns the relative output errors "before" and "after"
+    and the tuned block's "outputs" for every batch. When tuning made the error worse (it
+    minimises the error before rounding to the stored dtypes), everything is put back."""
     layers = tunable_layers(block)
     norms = norm_parameters(block)
-    before = relative_error(block, inputs, index, device, targets)
+    before, outputs = relative_error(block, inputs, index, device, targets)
     if not layers or config.steps <= 0:
-        return {"before": before, "after": before}
+        return {"before": before, "after": before, "outputs": outputs}
     formats = {name: layer.quantized_weight() for name, layer in layers.items()}
+    saved_norms = [p.detach().clone() for p in norms]
+    tuned = _adam(block, layers, norms, formats, inputs, index, device, targets, config)
+    for name, layer in layers.items():
+        _install(layer, tuned[name])
+    after, tuned_outputs = relative_error(block, inputs, index, device, targets)
+    if after > before:
+        for name, layer in layers.items():
+            _install(layer, formats[name])
+        with torch.no_grad():
+            for p, old in zip(norms, saved_norms):
+                p.copy_(old)
+        return {"before": before, "after": before, "outputs": outputs}
+    return {"before": before, "after": after, "outputs": tuned_outputs}
+
+
+def _adam(block, layers, norms, formats, inputs, index, device, targets, config) -> dict:
+    """The formats (rounded to storage) after `config.steps` Adam steps; the norms are
+    tuned in place."""
     on_device = {name: fmt.to(device) for name, fmt in formats.items()}
     parts = {name: {k: v.to(device).requires_grad_() for k, v in fmt.tunable().items()}
              for name, fmt in formats.items()}
-    saved_norms = [p.detach().clone() for p in norms]
     params = [t for p in parts.values() for t in p.values()] + norms
     optimizer = torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.95))
     for p in norms:
@@ -89,19 +109,8 @@ def finetune_block(block, inputs: BlockInputs, index: int, device,
     finally:
         for p in norms:
             p.requires_grad_(False)
-    tuned = {name: formats[name].with_tunable({k: v.detach() for k, v in parts[name].items()})
-             for name in layers}
-    for name, layer in layers.items():
-        _install(layer, tuned[name])
-    after = relative_error(block, inputs, index, device, targets)
-    if after > before:
-        for name, layer in layers.items():
-            _install(layer, formats[name])
-        with torch.no_grad():
-            for p, old in zip(norms, saved_norms):
-                p.copy_(old)
-        after = before
-    return {"before": before, "after": after}
+    return {name: formats[name].with_tunable({k: v.detach() for k, v in parts[name].items()})
+            for name in layers}
 
 
 def _forward_batch(block, inputs: BlockInputs, index: int, device, batch: int):

@@ -101,10 +101,11 @@ def quantize(job: QuantizeJob) -> Path:
     done = staging.open(fingerprint, job.resume, job.overwrite)
 
     inputs = capture_block_inputs(model, blocks, input_ids, max(1, job.batch_tokens // calib.seqlen))
-    modules, layers = {}, {}
+    modules, layers, block_seconds = {}, {}, []
     bar = tqdm(range(len(blocks)), desc=f"quantize ({job.method})", unit="block",
                disable=not job.progress)
     for i in bar:
+        tick = time.time()
         block, block_prefix = blocks[i].to(device), f"{prefix}.{i}."
         if i < done:
             block_modules, report = restore_block(block, staging, i, block_prefix)
@@ -116,6 +117,7 @@ def quantize(job: QuantizeJob) -> Path:
         blocks[i] = block.to("cpu")
         modules.update(block_modules)
         layers.update(report)
+        block_seconds.append(round(time.time() - tick, 2))
 
     quant_config = {
         "quant_method": checkpoint.QUANT_METHOD, "format_version": checkpoint.FORMAT_VERSION,
@@ -127,7 +129,8 @@ def quantize(job: QuantizeJob) -> Path:
     }
     summary = {"model": job.model or "smollm2-135m", "source": str(source),
                "method": job.method, "options": dataclasses.asdict(method.config),
-               "device": str(device), "quantize_seconds": round(time.time() - started, 2)}
+               "device": str(device), "quantize_seconds": round(time.time() - started, 2),
+               "block_seconds": block_seconds}
     write_checkpoint(staging, model, tokenizer, source, quant_config, layers, summary)
     return out
 
@@ -186,7 +189,8 @@ def quantize_block(block, linears: dict, method, inputs: BlockInputs, index: int
                                  replay)
     if tuning:  # after the replay: tuning changes what the finished children compute
         tuned = finetune_block(block, inputs, index, device, targets, tuning)
-        measured = propagate(block, inputs, index, device, None if groups else reference)
+        inputs.hidden = [out.to(h.device) for h, out in zip(inputs.hidden, tuned["outputs"])]
+        measured = {}
         for name in reference:
             report[prefix + name]["block_finetune"] = {
                 "steps": tuning.steps, "rel_block_output_mse_before": tuned["before"],

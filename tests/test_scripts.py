@@ -52,3 +52,19 @@ def test_tuned_configs_round_trip(tmp_path, monkeypatch):
     assert tuning.load_tuned(path) == {(4, 4096, 4096, 4): ("fused", tuning.TileConfig(**cfg))}
     assert all(c.block_k <= 128 and 128 % c.block_k == 0 for c in bench.candidates(1, 128))
     assert {c.block_m for c in bench.candidates(64, 128)} == {32, 64, 128}
+
+
+def test_bench_quantize_dry_run(tmp_path):
+    out = tmp_path / "q.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quantize.py"),
+                           "--dry-run", "--method", "gptq", "--options", "bits=3",
+                           "group_size=32", "act_order=false", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["options"] == {"bits": 3, "group_size": 32, "act_order": False}
+    assert len(result["block_seconds"]) == 2 and all(s > 0 for s in result["block_seconds"])
+    assert sum(result["block_seconds"]) <= result["quantize_seconds"]
+    assert len(result["layers"]) == 14
+    assert all(e["scheme"] == "int3 g32" and 0 < e["rel_output_mse"] < 1
+               for e in result["layers"].values())
