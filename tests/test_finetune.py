@@ -21,7 +21,7 @@ from quant.pipeline import QuantizeJob, quantize, quantize_block, quantized_tens
 from quant.traverse import capture_block_inputs, find_blocks, find_linears
 
 CALIB = CalibConfig("wiki-demo", nsamples=8, seqlen=64, seed=0)
-OPTIONS = {"codebooks": "2x6", "in_group": 4, "bits": 3, "max_epochs": 2}
+OPTIONS = {"codebooks": "2x6", "in_group": 4, "bits": 3, "max_epochs": 2, "finetune_steps": 0}
 
 
 def test_tunable_parts_reproduce_the_format_and_round_to_storage():

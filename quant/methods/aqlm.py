@@ -80,10 +80,10 @@ class AQLMConfig:
         "help": "aqlm: conjugate-gradient iterations per codebook solve"})
     init_seed: int = field(default=0, metadata={
         "help": "aqlm: seed of the k-means initialisation"})
-    finetune_steps: int = field(default=0, metadata={
+    finetune_steps: int = field(default=8, metadata={
         "help": "aqlm: Adam steps per block tuning codebooks, scales and norms to the fp "
                 "block's outputs (codes frozen), one calibration batch each; 0: off"})
-    finetune_lr: float = field(default=1e-4, metadata={
+    finetune_lr: float = field(default=3e-3, metadata={
         "help": "aqlm: learning rate of the block fine-tuning"})
 
     def given_shape(self) -> Shape | None:
