@@ -41,13 +41,8 @@ def _method_fields():
     return fields
 
 
-def add_quantize_args(p: argparse.ArgumentParser) -> None:
-    from quant.data import CalibConfig
-    from quant.methods import METHODS
-
-    p.add_argument("model", nargs="?", help="demo alias (default smollm2-135m), local "
-                   "directory, or hub id (when online)")
-    p.add_argument("--method", default="rtn", help=f"one of {', '.join(sorted(METHODS))} (default rtn)")
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    """A flag for every option of every registered method (--bits, --group-size, ...)."""
     group = p.add_argument_group("method options (defaults depend on the method)")
     for name, (kind, help_text) in _method_fields().items():
         flag = "--" + name.replace("_", "-")
@@ -56,6 +51,22 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                                default=None, help=help_text)
         else:
             group.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+
+
+def method_options(args) -> dict:
+    """The method options given on the command line (the method's defaults fill the rest)."""
+    return {name: getattr(args, name) for name in _method_fields()
+            if getattr(args, name) is not None}
+
+
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    from quant.data import CalibConfig
+    from quant.methods import METHODS
+
+    p.add_argument("model", nargs="?", help="demo alias (default smollm2-135m), local "
+                   "directory, or hub id (when online)")
+    p.add_argument("--method", default="rtn", help=f"one of {', '.join(sorted(METHODS))} (default rtn)")
+    add_method_args(p)
     calib = p.add_argument_group("calibration")
     calib.add_argument("--calib", default=CalibConfig.dataset,
                        help="wiki-demo | wikitext2 | c4 | redpajama | PATH (.txt/.jsonl/.parquet)")
@@ -81,8 +92,7 @@ def run_quantize(args) -> int:
     from quant.pipeline import QuantizeJob, quantize, resolve_device
 
     method_cls = get_method(args.method)
-    options = {name: getattr(args, name) for name in _method_fields()
-               if getattr(args, name) is not None}
+    options = method_options(args)
     nsamples = args.nsamples if args.nsamples is not None else \
         getattr(method_cls, "default_nsamples", CalibConfig.nsamples)
     job = QuantizeJob(

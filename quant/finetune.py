@@ -10,18 +10,11 @@ A format takes part when it has `tunable()` (fp32 copies of its continuous tenso
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from quant.layers import QuantLinear
-from quant.traverse import BlockInputs, run_batches
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    steps: int  # Adam steps, one calibration batch each, cycling through the batches
-    lr: float
+from quant.methods.base import FinetuneConfig
+from quant.traverse import BlockInputs, run_batches, run_block
 
 
 def block_outputs(block, inputs: BlockInputs, index: int, device) -> list[torch.Tensor]:
@@ -67,7 +60,7 @@ def finetune_block(block, inputs: BlockInputs, index: int, device,
     layers = tunable_layers(block)
     norms = norm_parameters(block)
     before, outputs = relative_error(block, inputs, index, device, targets)
-    if not layers or config.steps <= 0:
+    if not layers:
         return {"before": before, "after": before, "outputs": outputs}
     formats = {name: layer.quantized_weight() for name, layer in layers.items()}
     saved_norms = [p.detach().clone() for p in norms]
@@ -100,7 +93,7 @@ def _adam(block, layers, norms, formats, inputs, index, device, targets, config)
             b = step % len(inputs.hidden)
             for name, layer in layers.items():
                 layer.pin_dense(on_device[name].dequantize_tunable(parts[name]))
-            out = _forward_batch(block, inputs, index, device, b)
+            out = run_block(block, inputs.hidden[b], inputs.calls[index][b], device)
             target = targets[b].to(out.device, out.dtype)
             loss = (out - target).float().pow(2).sum() / target.float().pow(2).sum()
             optimizer.zero_grad(set_to_none=True)
@@ -111,11 +104,6 @@ def _adam(block, layers, norms, formats, inputs, index, device, targets, config)
             p.requires_grad_(False)
     return {name: formats[name].with_tunable({k: v.detach() for k, v in parts[name].items()})
             for name in layers}
-
-
-def _forward_batch(block, inputs: BlockInputs, index: int, device, batch: int):
-    one = BlockInputs([inputs.hidden[batch]], [[inputs.calls[index][batch]]])
-    return next(run_batches(block, one, 0, device))
 
 
 def _install(layer: QuantLinear, fmt) -> None:

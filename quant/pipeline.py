@@ -189,7 +189,7 @@ def quantize_block(block, linears: dict, method, inputs: BlockInputs, index: int
                                  replay)
     if tuning:  # after the replay: tuning changes what the finished children compute
         tuned = finetune_block(block, inputs, index, device, targets, tuning)
-        inputs.hidden = [out.to(h.device) for h, out in zip(inputs.hidden, tuned["outputs"])]
+        inputs.advance(tuned["outputs"])
         measured = {}
         for name in reference:
             report[prefix + name]["block_finetune"] = {
@@ -255,7 +255,7 @@ def propagate(block, inputs: BlockInputs, index: int, device,
     try:
         with torch.no_grad():
             outputs = run_batches(block, inputs, index, device, replay)
-            inputs.hidden = [out.to(h.device) for h, out in zip(inputs.hidden, outputs)]
+            inputs.advance(outputs)
     finally:
         for handle in handles:
             handle.remove()

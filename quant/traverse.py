@@ -69,6 +69,10 @@ class BlockInputs:
     hidden: list[torch.Tensor]             # [batch] of [b, seq, hidden]: input of the next block
     calls: list[list[tuple[tuple, dict]]]  # [block][batch] (extra args, kwargs); tensors shared
 
+    def advance(self, outputs: list[torch.Tensor]) -> None:
+        """A block's outputs become the next block's inputs (kept where the inputs live)."""
+        self.hidden = [out.to(h.device) for h, out in zip(self.hidden, outputs)]
+
 
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
                          batch_size: int) -> BlockInputs:

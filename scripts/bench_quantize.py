@@ -1,8 +1,8 @@
 """Quantize a random Llama-7B-shaped stack of decoder blocks through the real pipeline and
 record the time per block and per layer (GPU when there is one).
 
-    python scripts/bench_quantize.py --method gptq --options bits=4 group_size=128
-    python scripts/bench_quantize.py --method aqlm --options codebooks=1x16 in_group=8
+    python scripts/bench_quantize.py --method gptq --bits 4 --group-size 128
+    python scripts/bench_quantize.py --method aqlm --codebooks 1x16 --in-group 8
     python scripts/bench_quantize.py --dry-run   # tiny shapes on the CPU: the wiring only
 
 Writes benchmarks/<device>-quantize-<method>.json (the timing rows) unless --out says where.
@@ -24,30 +24,17 @@ DRY_RUN = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
 
 
 def parse_args(argv):
+    from quant.cli import add_method_args
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", default="gptq")
-    p.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="method options as in the Python API (bits=4 group_size=128 ...)")
+    add_method_args(p)  # the same method flags as `quantize`
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--dry-run", action="store_true", help="tiny shapes, CPU, few samples")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
-
-
-def parse_options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                pass
-        options[key] = {"true": True, "false": False}.get(value, value)
-    return options
 
 
 def random_model_dir(path: Path, shape: dict, blocks: int) -> Path:
@@ -71,6 +58,7 @@ def random_model_dir(path: Path, shape: dict, blocks: int) -> Path:
 def main(argv=None) -> int:
     import torch
 
+    from quant.cli import method_options
     from quant.data import CalibConfig
     from quant.pipeline import QuantizeJob, quantize
 
@@ -79,7 +67,7 @@ def main(argv=None) -> int:
     nsamples, seqlen = (4, 64) if args.dry_run else (args.nsamples, args.seqlen)
     device_name = ("cpu_dry_run" if args.dry_run else torch.cuda.get_device_name()
                    .replace(" ", "_") if torch.cuda.is_available() else "cpu")
-    options = parse_options(args.options)
+    options = method_options(args)
     with tempfile.TemporaryDirectory() as tmp:
         src = random_model_dir(Path(tmp) / "model", shape, args.blocks)
         out = quantize(QuantizeJob(args.method, options, str(src),

@@ -78,7 +78,8 @@ def test_tuning_that_hurts_is_undone(quantized_block):
     start = tensors_of(block)
     result = finetune_block(block, inputs, 0, "cpu", targets, FinetuneConfig(steps=3, lr=10.0))
     assert result["after"] == result["before"]
-    assert all(torch.equal(v, tensors_of(block)[k]) for k, v in start.items())
+    end = tensors_of(block)
+    assert all(torch.equal(v, end[k]) for k, v in start.items())
 
 
 def test_a_tuned_block_is_restored_with_its_norms(quantized_block, tmp_path):
@@ -100,8 +101,9 @@ def test_a_tuned_block_is_restored_with_its_norms(quantized_block, tmp_path):
             if p.dim() == 1:
                 p.fill_(1.0)
     restore_block(fresh, staging, 0, "model.layers.0.")
-    assert tensors_of(fresh).keys() == tensors_of(block).keys()
-    assert all(torch.equal(v, tensors_of(fresh)[k]) for k, v in tensors_of(block).items())
+    restored, tuned = tensors_of(fresh), tensors_of(block)
+    assert restored.keys() == tuned.keys()
+    assert all(torch.equal(v, restored[k]) for k, v in tuned.items())
 
 
 def test_pipeline_tunes_each_block_and_writes_the_tuned_norms(tiny_dir, tmp_path):

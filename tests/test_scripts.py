@@ -57,8 +57,8 @@ def test_tuned_configs_round_trip(tmp_path, monkeypatch):
 def test_bench_quantize_dry_run(tmp_path):
     out = tmp_path / "q.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quantize.py"),
-                           "--dry-run", "--method", "gptq", "--options", "bits=3",
-                           "group_size=32", "act_order=false", "--out", str(out)],
+                           "--dry-run", "--method", "gptq", "--bits", "3",
+                           "--group-size", "32", "--no-act-order", "--out", str(out)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())

@@ -122,13 +122,16 @@ class CodebookWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [out, in] this format represents (the torch reference)."""
-        books = self.codebooks.float()[:, :, 0, :]  # [M, 2^B, g]
-        return reconstruct(self.code_indices(), books, self.scales.float().view(-1)).to(dtype)
+        return self.dequantize_tunable(self._float_parts()).to(dtype)
+
+    def _float_parts(self) -> dict[str, torch.Tensor]:
+        """fp32 codebooks [M, 2^B, g] and scales [out]."""
+        return {"codebooks": self.codebooks.float()[:, :, 0, :],
+                "scales": self.scales.float().view(-1)}
 
     # ---- block fine-tuning (quant.finetune): codes frozen, codebooks and scales tuned --
     def tunable(self) -> dict[str, torch.Tensor]:
-        return {"codebooks": self.codebooks.float()[:, :, 0, :].clone(),
-                "scales": self.scales.float().view(-1).clone()}
+        return {name: t.clone() for name, t in self._float_parts().items()}
 
     def dequantize_tunable(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         return reconstruct(self.code_indices(), parts["codebooks"], parts["scales"])

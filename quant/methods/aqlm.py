@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 import torch
 
 from quant.errors import ConfigError
-from quant.finetune import FinetuneConfig
 from quant.formats import stored_bits
 from quant.formats.codebook_weight import CodebookWeight, check_codebook_config, codebook_config
 from quant.methods import codebooks as cb
-from quant.methods.base import register_method
+from quant.methods.base import FinetuneConfig, register_method
 from quant.stats import relative_output_error
 
 

@@ -8,6 +8,7 @@ statistics it needs and never runs the model: the pipeline does.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from quant.errors import ConfigError
@@ -15,6 +16,14 @@ from quant.registry import Registry
 
 METHODS = Registry("method", "name")
 register_method = METHODS.register
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """A method's request for the pipeline's block fine-tuning stage (quant.finetune)."""
+
+    steps: int  # Adam steps, one calibration batch each, cycling through the batches
+    lr: float
 
 
 def _load_entry_points() -> None:
