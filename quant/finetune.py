@@ -16,6 +16,8 @@ from quant.layers import QuantLinear
 from quant.methods.base import FinetuneConfig
 from quant.traverse import BlockInputs, run_batches, run_block
 
+CHECK_EVERY = 4  # the error before and after tuning is compared on every 4th batch
+
 
 def block_outputs(block, inputs: BlockInputs, index: int, device) -> list[torch.Tensor]:
     """The block's outputs for every calibration batch, on the CPU (the fp targets)."""
@@ -27,15 +29,18 @@ def relative_error(block, inputs: BlockInputs, index: int, device,
                    targets: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
     """(sum ||block(x) - target||^2 / sum ||target||^2 over every calibration batch, the
     block's outputs)."""
-    num = den = 0.0
-    outputs = []
     with torch.no_grad():
-        for out, target in zip(run_batches(block, inputs, index, device), targets):
-            target = target.to(out.device, out.dtype)
-            num += float((out - target).float().pow(2).sum())
-            den += float(target.float().pow(2).sum())
-            outputs.append(out)
-    return num / max(den, 1e-30), outputs
+        outputs = list(run_batches(block, inputs, index, device))
+    return output_error(outputs, targets), outputs
+
+
+def output_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    num = den = 0.0
+    for out, target in zip(outputs, targets):
+        target = target.to(out.device, out.dtype)
+        num += float((out - target).float().pow(2).sum())
+        den += float(target.float().pow(2).sum())
+    return num / max(den, 1e-30)
 
 
 def tunable_layers(block) -> dict[str, QuantLinear]:
@@ -54,28 +59,34 @@ def norm_parameters(block) -> list[torch.nn.Parameter]:
 
 def finetune_block(block, inputs: BlockInputs, index: int, device,
                    targets: list[torch.Tensor], config: FinetuneConfig) -> dict:
-    """Tune the block in place; returns the relative output errors "before" and "after"
-    and the tuned block's "outputs" for every batch. When tuning made the error worse (it
-    minimises the error before rounding to the stored dtypes), everything is put back."""
+    """Tune the block in place; returns its relative output errors "before" and "after"
+    on the check batches (every CHECK_EVERY-th), and the block's "outputs" for every batch.
+    When tuning made the error worse (it minimises the error before rounding to the
+    stored dtypes), everything is put back."""
     layers = tunable_layers(block)
-    norms = norm_parameters(block)
-    before, outputs = relative_error(block, inputs, index, device, targets)
     if not layers:
+        before, outputs = relative_error(block, inputs, index, device, targets)
         return {"before": before, "after": before, "outputs": outputs}
+    checked = range(0, len(inputs.hidden), CHECK_EVERY)
+    before, _ = relative_error(block, inputs.subset(checked), index, device,
+                               [targets[b] for b in checked])
+    norms = norm_parameters(block)
     formats = {name: layer.quantized_weight() for name, layer in layers.items()}
     saved_norms = [p.detach().clone() for p in norms]
     tuned = _adam(block, layers, norms, formats, inputs, index, device, targets, config)
     for name, layer in layers.items():
         _install(layer, tuned[name])
-    after, tuned_outputs = relative_error(block, inputs, index, device, targets)
+    _, outputs = relative_error(block, inputs, index, device, targets)
+    after = output_error([outputs[b] for b in checked], [targets[b] for b in checked])
     if after > before:
         for name, layer in layers.items():
             _install(layer, formats[name])
         with torch.no_grad():
             for p, old in zip(norms, saved_norms):
                 p.copy_(old)
-        return {"before": before, "after": before, "outputs": outputs}
-    return {"before": before, "after": after, "outputs": tuned_outputs}
+        _, outputs = relative_error(block, inputs, index, device, targets)
+        after = before
+    return {"before": before, "after": after, "outputs": outputs}
 
 
 def _adam(block, layers, norms, formats, inputs, index, device, targets, config) -> dict:
@@ -88,13 +99,16 @@ def _adam(block, layers, norms, formats, inputs, index, device, targets, config)
     optimizer = torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.95))
     for p in norms:
         p.requires_grad_(True)
+    steps = [(b, slice(start, start + config.sequences))
+             for b, hidden in enumerate(inputs.hidden)
+             for start in range(0, hidden.shape[0], config.sequences)]
     try:
         for step in range(config.steps):
-            b = step % len(inputs.hidden)
+            b, rows = steps[step % len(steps)]
             for name, layer in layers.items():
                 layer.pin_dense(on_device[name].dequantize_tunable(parts[name]))
-            out = run_block(block, inputs.hidden[b], inputs.calls[index][b], device)
-            target = targets[b].to(out.device, out.dtype)
+            out = run_block(block, *inputs.rows(index, b, rows), device)
+            target = targets[b][rows].to(out.device, out.dtype)
             loss = (out - target).float().pow(2).sum() / target.float().pow(2).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

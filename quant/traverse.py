@@ -33,15 +33,20 @@ def find_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, nn.
                                                     for s in skip)}
 
 
+def map_tensors(obj, fn):
+    """`fn` applied to the tensors inside nested tuples/lists/dicts."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(map_tensors(x, fn) for x in obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
 def move(obj, device):
     """Move the tensors inside nested tuples/lists/dicts to `device`."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(move(x, device) for x in obj)
-    if isinstance(obj, dict):
-        return {k: move(v, device) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t.to(device))
 
 
 class _Stop(Exception):
@@ -72,6 +77,18 @@ class BlockInputs:
     def advance(self, outputs: list[torch.Tensor]) -> None:
         """A block's outputs become the next block's inputs (kept where the inputs live)."""
         self.hidden = [out.to(h.device) for h, out in zip(self.hidden, outputs)]
+
+    def subset(self, batches) -> "BlockInputs":
+        """The same inputs for only the calibration batches numbered `batches`."""
+        return BlockInputs([self.hidden[b] for b in batches],
+                           [[calls[b] for b in batches] for calls in self.calls])
+
+    def rows(self, index: int, batch: int, rows: slice) -> tuple[torch.Tensor, tuple]:
+        """(hidden, call) of block `index` for some sequences of one batch: every tensor
+        whose first dimension is the batch's (masks too) is cut to `rows`."""
+        hidden, size = self.hidden[batch], self.hidden[batch].shape[0]
+        cut = lambda t: t[rows] if t.dim() and t.shape[0] == size else t  # noqa: E731
+        return hidden[rows], map_tensors(self.calls[index][batch], cut)
 
 
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,

@@ -12,13 +12,14 @@ from tqdm import tqdm
 import quant
 from quant import checkpoint
 from quant.data import CalibConfig, calibration_windows
-from quant.finetune import FinetuneConfig, block_outputs, finetune_block, relative_error
+from quant.finetune import (CHECK_EVERY, FinetuneConfig, block_outputs, finetune_block,
+                            relative_error)
 from quant.formats.codebook_weight import CodebookWeight
 from quant.layers import QuantLinear
 from quant.methods import make_method
 from quant.models import load_fp
 from quant.pipeline import QuantizeJob, quantize, quantize_block, quantized_tensors, restore_block
-from quant.traverse import capture_block_inputs, find_blocks, find_linears
+from quant.traverse import capture_block_inputs, find_blocks, find_linears, run_block
 
 CALIB = CalibConfig("wiki-demo", nsamples=8, seqlen=64, seed=0)
 OPTIONS = {"codebooks": "2x6", "in_group": 4, "bits": 3, "max_epochs": 2, "finetune_steps": 0}
@@ -63,13 +64,25 @@ def test_tuning_lowers_the_block_error_and_keeps_codes(quantized_block):
     start = tensors_of(block)
     result = finetune_block(block, inputs, 0, "cpu", targets, FinetuneConfig(steps=20, lr=3e-3))
     assert result["after"] < 0.9 * result["before"]
-    after, outputs = relative_error(block, inputs, 0, "cpu", targets)
-    assert result["after"] == pytest.approx(after)
+    _, outputs = relative_error(block, inputs, 0, "cpu", targets)
     assert all(torch.equal(a, b) for a, b in zip(outputs, result["outputs"]))
+    checked = range(0, len(inputs.hidden), CHECK_EVERY)
+    after, _ = relative_error(block, inputs.subset(checked), 0, "cpu",
+                              [targets[b] for b in checked])
+    assert result["after"] == pytest.approx(after)
     end = tensors_of(block)
     for name in start:
         changed = not torch.equal(start[name], end[name])
         assert changed == (name.endswith(("codebooks", "scales")) or "norm" in name), name
+
+
+def test_a_step_on_some_sequences_sees_exactly_their_rows_of_the_batch(quantized_block):
+    block, inputs, _ = quantized_block
+    with torch.no_grad():
+        full = run_block(block, inputs.hidden[1], inputs.calls[0][1], "cpu")
+        part = run_block(block, *inputs.rows(0, 1, slice(1, 3)), "cpu")
+    assert part.shape[0] == 2
+    torch.testing.assert_close(part, full[1:3], rtol=1e-5, atol=1e-5)
 
 
 def test_tuning_that_hurts_is_undone(quantized_block):

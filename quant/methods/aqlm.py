@@ -74,14 +74,18 @@ class AQLMConfig:
     tol: float = field(default=1e-2, metadata={
         "help": "aqlm: stop a layer when an epoch improves its error by less than this "
                 "fraction"})
+    beam: int = field(default=1, metadata={
+        "help": "aqlm: codes of two codebooks are searched together, each of the beam best "
+                "codewords of one with every codeword of the other; 1: one codebook at a "
+                "time"})
     kmeans_iters: int = field(default=10, metadata={"help": "aqlm: k-means iterations at init"})
     cg_iters: int = field(default=10, metadata={
         "help": "aqlm: conjugate-gradient iterations per codebook solve"})
     init_seed: int = field(default=0, metadata={
         "help": "aqlm: seed of the k-means initialisation"})
-    finetune_steps: int = field(default=8, metadata={
+    finetune_steps: int = field(default=32, metadata={
         "help": "aqlm: Adam steps per block tuning codebooks, scales and norms to the fp "
-                "block's outputs (codes frozen), one calibration batch each; 0: off"})
+                "block's outputs (codes frozen), two calibration sequences each; 0: off"})
     finetune_lr: float = field(default=3e-3, metadata={
         "help": "aqlm: learning rate of the block fine-tuning"})
 
@@ -105,8 +109,9 @@ class AQLMConfig:
             raise ConfigError("--in-group needs --codebooks (or drop it and let --bits choose)")
         if self.codebook_budget <= 0:
             raise ConfigError("--codebook-budget must be positive")
-        if self.max_epochs < 1 or self.kmeans_iters < 1 or self.cg_iters < 1:
-            raise ConfigError("--max-epochs, --kmeans-iters and --cg-iters must be positive")
+        if min(self.max_epochs, self.kmeans_iters, self.cg_iters, self.beam) < 1:
+            raise ConfigError("--max-epochs, --beam, --kmeans-iters and --cg-iters must be "
+                              "positive")
         if self.finetune_steps < 0 or self.finetune_lr <= 0:
             raise ConfigError("--finetune-steps must be >= 0 and --finetune-lr positive")
         if not 0 <= self.tol < 1:
@@ -185,7 +190,7 @@ def quantize_layer(W: torch.Tensor, H: torch.Tensor, shape: Shape, config: AQLMC
     scales = cb.solve_scales(W, H, codes, books)
     loss, epochs = relative_output_error(W, cb.reconstruct(codes, books, scales), H), 0
     for epochs in range(1, config.max_epochs + 1):
-        codes = cb.update_codes(W, H, codes, books, scales)
+        codes = cb.update_codes(W, H, codes, books, scales, beam=config.beam)
         books = cb.solve_codebooks(W, H, codes, books, scales, iters=config.cg_iters)
         books = books.half().float()  # what is stored; the scales then absorb the rounding
         scales = cb.solve_scales(W, H, codes, books).half().float()

@@ -22,8 +22,9 @@ register_method = METHODS.register
 class FinetuneConfig:
     """A method's request for the pipeline's block fine-tuning stage (quant.finetune)."""
 
-    steps: int  # Adam steps, one calibration batch each, cycling through the batches
+    steps: int  # Adam steps, cycling through the calibration sequences
     lr: float
+    sequences: int = 2  # calibration sequences (windows) per step
 
 
 def _load_entry_points() -> None:

@@ -3,10 +3,10 @@
     L = tr((W - Ŵ) H (W - Ŵ)^T),  Ŵ[r, group j] = s_r * sum_m C_m[codes[r, j, m]]
 
 with H = 2/n X X^T. Three exact steps alternate, each never increasing L:
-- `update_codes`: for one group and codebook at a time (all rows at once), the code that
-  minimises L with every other code fixed, the pairwise H terms included through the
-  running gradient G = (W - Ŵ) H: coordinate descent, i.e. the reference's beam search
-  with beam width 1;
+- `update_codes`: for one group at a time (all rows at once), the codes that minimise L
+  with every other group fixed, the pairwise H terms included through the running
+  gradient G = (W - Ŵ) H; codebooks are searched in pairs by a beam (the `beam` best
+  codewords of one codebook, each with every codeword of the other), or one at a time;
 - `solve_codebooks`: the least-squares codebooks for fixed codes and scales, by
   preconditioned conjugate gradients on the normal equations (matvec = gather, @ H, scatter);
 - `solve_scales`: the closed-form scale of each row.
@@ -23,6 +23,7 @@ from quant.formats.codebook_weight import reconstruct
 SCORE_ENTRIES = 1 << 21  # rows x codewords scored at once: 8 MiB of fp32 stays in cache
 TINY_SCALE = 2.0 ** -24  # smallest positive fp16
 KMEANS_SAMPLE_PER_CENTROID = 64
+MAX_PAIRED_CODEWORDS = 1 << 10  # larger codebooks are searched one at a time
 
 
 # ---- initialisation ------------------------------------------------------------------------
@@ -71,31 +72,67 @@ def residual_kmeans(x: torch.Tensor, num_codebooks: int, nbits: int, iters: int,
 
 # ---- the three alternating steps -----------------------------------------------------------
 
-def update_codes(W, H, codes, books, scales) -> torch.Tensor:
-    """One coordinate-descent sweep over every (group, codebook); returns the new codes.
+def update_codes(W, H, codes, books, scales, beam: int = 1) -> torch.Tensor:
+    """One sweep over every group; returns the new codes. Each group's codebooks are taken
+    in pairs searched jointly (`beam` >= 2, see `_pair_argmin`), or one at a time
+    (`beam` 1, or the last of an odd number): coordinate descent, exact per codebook.
 
-    With the other codes fixed, choosing codeword c for (row r, group j, codebook m) changes
-    L by s^2 c^T H_jj c - 2 s c^T t_r + const, where t_r = G[r, j] + u_r H_jj, u_r is the
-    current codeword's contribution s_r C_m[codes[r, j, m]] and G = (W - Ŵ) H."""
+    With the other codes fixed, choosing codewords whose sum is v for (row r, group j)
+    changes L by s^2 v^T H_jj v - 2 s v^T t_r + const, where t_r = G[r, j] + u_r H_jj, u_r
+    is the current contribution of the codebooks being chosen and G = (W - Ŵ) H. Every
+    search includes the current codes, so a sweep never increases L."""
     codes = codes.clone()
     m_books, _, g = books.shape
-    E = W - reconstruct(codes, books, scales)
-    G = E @ H
+    G = (W - reconstruct(codes, books, scales)) @ H
     inv_s = 1 / scales[:, None]
+    paired = 2 * (m_books // 2) if beam > 1 and books.shape[1] <= MAX_PAIRED_CODEWORDS else 0
+    sets = [(m, m + 1) for m in range(0, paired, 2)] + [(m,) for m in range(paired, m_books)]
     for j in range(codes.shape[1]):
         cols = slice(j * g, (j + 1) * g)
-        H_jj, H_j = H[cols, cols], H[cols]
-        for m in range(m_books):
-            book = books[m]
-            u = book[codes[:, j, m]] * scales[:, None]
+        H_jj = H[cols, cols]
+        for chosen in sets:
+            u = sum(books[m][codes[:, j, m]] for m in chosen) * scales[:, None]
             target = (G[:, cols] + u @ H_jj) * inv_s  # t / s: the argmin is the same for s != 0
-            norms = ((book @ H_jj) * book).sum(1)
-            best = _argmin_scores(target, book, norms)
-            delta = u - book[best] * scales[:, None]  # the change of E in this group
-            codes[:, j, m] = best
-            E[:, cols] += delta
-            G.addmm_(delta, H_j)
+            if len(chosen) == 1:
+                book = books[chosen[0]]
+                best = (_argmin_scores(target, book, ((book @ H_jj) * book).sum(1)),)
+            else:
+                best = _pair_argmin(target, books[list(chosen)], H_jj,
+                                    codes[:, j, list(chosen)], beam)
+            for m, code in zip(chosen, best):
+                codes[:, j, m] = code
+            new = sum(books[m][codes[:, j, m]] for m in chosen) * scales[:, None]
+            G.addmm_(u - new, H[cols])  # u - new: the change of W - Ŵ in this group
     return codes
+
+
+def _pair_argmin(target, pair, H_jj, current, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (a, b) minimising v^T H_jj v - 2 target.v for v = pair[0][a] + pair[1][b], per
+    row: the `beam` best a on their own (plus the current a), each with every b, and the
+    same with the roles swapped; the best of all. An exhaustive search when beam >= 2^B."""
+    books_hh = pair @ H_jj                                    # [2, K, g]
+    own = (books_hh * pair).sum(2)[:, None] - 2 * target @ pair.transpose(1, 2)  # [2, R, K]
+    cross = 2 * books_hh[0] @ pair[1].t()                     # [K, K]: a with b
+    k = pair.shape[1]
+    width = min(beam, k)
+    found = []
+    for side, other, pairing in ((0, 1, cross), (1, 0, cross.t())):
+        candidates = torch.cat([own[side].topk(width, 1, largest=False).indices,
+                                current[:, side:side + 1]], 1)  # [R, width + 1]
+        best_val, best_code = [], []
+        chunk = max(1, SCORE_ENTRIES // ((width + 1) * k))
+        for rows in torch.arange(candidates.shape[0]).split(chunk):
+            cand = candidates[rows]
+            scores = (own[side][rows].gather(1, cand)[:, :, None] + own[other][rows][:, None]
+                      + pairing[cand])                        # [rows, width + 1, K]
+            val, flat = scores.flatten(1).min(1)
+            best_val.append(val)
+            best_code.append(torch.stack([cand.gather(1, (flat // k)[:, None])[:, 0],
+                                          flat % k]))
+        found.append((torch.cat(best_val), torch.cat(best_code, 1)))
+    (val_a, (a1, b1)), (val_b, (b2, a2)) = found
+    first = val_a <= val_b
+    return torch.where(first, a1, a2), torch.where(first, b1, b2)
 
 
 def _argmin_scores(target: torch.Tensor, book: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,37 @@ def test_a_converged_code_sweep_leaves_every_code_optimal_by_brute_force():
             assert loss64(W, H, trial, books, scales) >= best - 1e-9 * best
 
 
+def sweep_to_convergence(W, H, codes, books, scales, beam):
+    losses = [loss64(W, H, codes, books, scales)]
+    for _ in range(30):
+        new = cb.update_codes(W, H, codes, books, scales, beam=beam)
+        losses.append(loss64(W, H, new, books, scales))
+        if torch.equal(new, codes):
+            break
+        codes = new
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(losses, losses[1:]))
+    return codes, losses
+
+
+def test_a_narrow_beam_never_increases_the_loss_and_beats_coordinate_descent():
+    W, H, codes, books, scales = problem(out=12, groups=5, nbits=4, seed=3)
+    descent, _ = sweep_to_convergence(W, H, codes, books, scales, beam=1)
+    beamed, losses = sweep_to_convergence(W, H, codes, books, scales, beam=2)
+    assert len(losses) > 2
+    assert loss64(W, H, beamed, books, scales) < loss64(W, H, descent, books, scales)
+
+
+def test_a_full_width_beam_makes_every_pair_of_codes_optimal_by_brute_force():
+    W, H, codes, books, scales = problem(nbits=3, seed=4)
+    codes, _ = sweep_to_convergence(W, H, codes, books, scales, beam=8)  # 8 = every codeword
+    best = loss64(W, H, codes, books, scales)
+    for r, j in itertools.product(range(5), range(4)):
+        for a, b in itertools.product(range(8), range(8)):
+            trial = codes.clone()
+            trial[r, j] = torch.tensor([a, b])
+            assert loss64(W, H, trial, books, scales) >= best - 1e-9 * best
+
+
 def test_codebook_solve_equals_the_float64_least_squares_solution():
     W, H, codes, books, scales = problem(out=8, groups=6, m=2, nbits=2, g=2, seed=1)
     solved = cb.solve_codebooks(W, H, codes, books, scales, iters=200, ridge=0.0)
