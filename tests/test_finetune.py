@@ -12,6 +12,7 @@ from tqdm import tqdm
 import quant
 from quant import checkpoint
 from quant.data import CalibConfig, calibration_windows
+from quant import pipeline
 from quant.finetune import (CHECK_EVERY, FinetuneConfig, block_outputs, finetune_block,
                             relative_error)
 from quant.formats.codebook_weight import CodebookWeight
@@ -131,3 +132,27 @@ def test_pipeline_tunes_each_block_and_writes_the_tuned_norms(tiny_dir, tmp_path
     source = load_file(str(tiny_dir / "model.safetensors"))
     norms = [k for k in source if "layernorm" in k and k.startswith("model.layers.")]
     assert any(not torch.equal(written[k], source[k]) for k in norms)
+
+
+def test_a_resumed_tuned_run_equals_an_uninterrupted_one(tiny_dir, tmp_path, monkeypatch):
+    options = {**OPTIONS, "finetune_steps": 4}
+    whole = quantize(QuantizeJob("aqlm", options, str(tiny_dir), CALIB, tmp_path / "whole",
+                                 progress=False))
+    real = pipeline.quantize_block
+
+    def crash_at_the_last_block(block, linears, method, inputs, index, *args):
+        if index == len(find_blocks(load_fp(tiny_dir, torch.float32))[1]) - 1:
+            raise RuntimeError("crash")
+        return real(block, linears, method, inputs, index, *args)
+
+    monkeypatch.setattr(pipeline, "quantize_block", crash_at_the_last_block)
+    job = QuantizeJob("aqlm", options, str(tiny_dir), CALIB, tmp_path / "resumed", progress=False)
+    with pytest.raises(RuntimeError, match="crash"):
+        quantize(job)
+    monkeypatch.undo()
+    job.resume = True
+    resumed = quantize(job)
+    a = load_file(str(resumed / "model.safetensors"))
+    b = load_file(str(whole / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)

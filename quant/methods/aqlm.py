@@ -79,7 +79,7 @@ class AQLMConfig:
                 "codewords of one with every codeword of the other; 1: one codebook at a "
                 "time"})
     kmeans_iters: int = field(default=10, metadata={"help": "aqlm: k-means iterations at init"})
-    cg_iters: int = field(default=10, metadata={
+    cg_iters: int = field(default=5, metadata={
         "help": "aqlm: conjugate-gradient iterations per codebook solve"})
     init_seed: int = field(default=0, metadata={
         "help": "aqlm: seed of the k-means initialisation"})

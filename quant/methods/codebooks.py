@@ -74,8 +74,8 @@ def residual_kmeans(x: torch.Tensor, num_codebooks: int, nbits: int, iters: int,
 
 def update_codes(W, H, codes, books, scales, beam: int = 1) -> torch.Tensor:
     """One sweep over every group; returns the new codes. Each group's codebooks are taken
-    in pairs searched jointly (`beam` >= 2, see `_pair_argmin`), or one at a time
-    (`beam` 1, or the last of an odd number): coordinate descent, exact per codebook.
+    in pairs searched jointly (`beam` >= 2, see `_pair_argmin`), or one at a time (`beam`
+    1, or the last of an odd number): coordinate descent, exact per codebook.
 
     With the other codes fixed, choosing codewords whose sum is v for (row r, group j)
     changes L by s^2 v^T H_jj v - 2 s v^T t_r + const, where t_r = G[r, j] + u_r H_jj, u_r
@@ -108,31 +108,24 @@ def update_codes(W, H, codes, books, scales, beam: int = 1) -> torch.Tensor:
 
 def _pair_argmin(target, pair, H_jj, current, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (a, b) minimising v^T H_jj v - 2 target.v for v = pair[0][a] + pair[1][b], per
-    row: the `beam` best a on their own (plus the current a), each with every b, and the
-    same with the roles swapped; the best of all. An exhaustive search when beam >= 2^B."""
+    row, among the `beam` best a on their own (and the current a), each with every b.
+    Exhaustive when beam >= 2^B. (Also searching the best b with every a doubles the
+    cost for ~1% lower layer error; alternating the two between sweeps did worse.)"""
     books_hh = pair @ H_jj                                    # [2, K, g]
     own = (books_hh * pair).sum(2)[:, None] - 2 * target @ pair.transpose(1, 2)  # [2, R, K]
     cross = 2 * books_hh[0] @ pair[1].t()                     # [K, K]: a with b
     k = pair.shape[1]
     width = min(beam, k)
-    found = []
-    for side, other, pairing in ((0, 1, cross), (1, 0, cross.t())):
-        candidates = torch.cat([own[side].topk(width, 1, largest=False).indices,
-                                current[:, side:side + 1]], 1)  # [R, width + 1]
-        best_val, best_code = [], []
-        chunk = max(1, SCORE_ENTRIES // ((width + 1) * k))
-        for rows in torch.arange(candidates.shape[0]).split(chunk):
-            cand = candidates[rows]
-            scores = (own[side][rows].gather(1, cand)[:, :, None] + own[other][rows][:, None]
-                      + pairing[cand])                        # [rows, width + 1, K]
-            val, flat = scores.flatten(1).min(1)
-            best_val.append(val)
-            best_code.append(torch.stack([cand.gather(1, (flat // k)[:, None])[:, 0],
-                                          flat % k]))
-        found.append((torch.cat(best_val), torch.cat(best_code, 1)))
-    (val_a, (a1, b1)), (val_b, (b2, a2)) = found
-    first = val_a <= val_b
-    return torch.where(first, a1, a2), torch.where(first, b1, b2)
+    candidates = torch.cat([own[0].topk(width, 1, largest=False).indices, current[:, :1]], 1)
+    chunk = max(1, SCORE_ENTRIES // ((width + 1) * k))
+    found_a, found_b = [], []
+    for rows in torch.arange(candidates.shape[0]).split(chunk):
+        cand = candidates[rows]                               # [rows, width + 1]
+        scores = own[0][rows].gather(1, cand)[:, :, None] + own[1][rows][:, None] + cross[cand]
+        flat = scores.flatten(1).min(1).indices
+        found_a.append(cand.gather(1, (flat // k)[:, None])[:, 0])
+        found_b.append(flat % k)
+    return torch.cat(found_a), torch.cat(found_b)
 
 
 def _argmin_scores(target: torch.Tensor, book: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:

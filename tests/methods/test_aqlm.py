@@ -56,6 +56,7 @@ def sweep_to_convergence(W, H, codes, books, scales, beam):
         if torch.equal(new, codes):
             break
         codes = new
+    assert torch.equal(new, codes)
     assert all(b <= a * (1 + 1e-12) for a, b in zip(losses, losses[1:]))
     return codes, losses
 
