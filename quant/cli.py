@@ -79,6 +79,10 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--matmul-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="CPU runs: dtype of the model's matmuls while calibrating (weights "
+                        "and statistics stay fp32); auto: bfloat16 where the CPU has native "
+                        "bf16 and the method allows it (aqlm), else float32")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading a pickle (.bin) source checkpoint")
     p.add_argument("--no-eval", action="store_true",
@@ -99,7 +103,7 @@ def run_quantize(args) -> int:
         method=args.method, method_options=options, model=args.model,
         calib=CalibConfig(args.calib, nsamples, args.seqlen, args.seed), out=args.out,
         overwrite=args.overwrite, resume=args.resume, device=args.device,
-        allow_pickle=args.allow_pickle)
+        matmul_dtype=args.matmul_dtype, allow_pickle=args.allow_pickle)
     out = quantize(job)
     report = json.loads((out / "quant_report.json").read_text())
     totals = report["totals"]

@@ -126,6 +126,7 @@ class AQLM:
     true_sequential = True
     hessian_dtype = torch.float32
     default_nsamples = 128
+    bf16_calibration = True  # its 2-bit error is far above bf16 matmul rounding (pipeline)
 
     def __init__(self, config: AQLMConfig):
         self.config = config

@@ -24,6 +24,7 @@ SCORE_ENTRIES = 1 << 21  # rows x codewords scored at once: 8 MiB of fp32 stays 
 TINY_SCALE = 2.0 ** -24  # smallest positive fp16
 KMEANS_SAMPLE_PER_CENTROID = 64
 MAX_PAIRED_CODEWORDS = 1 << 10  # larger codebooks are searched one at a time
+LAZY_GROUPS = 16  # groups whose updates of the running gradient are applied together
 
 
 # ---- initialisation ------------------------------------------------------------------------
@@ -87,30 +88,48 @@ def update_codes(W, H, codes, books, scales, beam: int = 1) -> torch.Tensor:
     inv_s = 1 / scales[:, None]
     paired = 2 * (m_books // 2) if beam > 1 and books.shape[1] <= MAX_PAIRED_CODEWORDS else 0
     sets = [(m, m + 1) for m in range(0, paired, 2)] + [(m,) for m in range(paired, m_books)]
-    for j in range(codes.shape[1]):
-        cols = slice(j * g, (j + 1) * g)
-        H_jj = H[cols, cols]
-        for chosen in sets:
-            u = sum(books[m][codes[:, j, m]] for m in chosen) * scales[:, None]
-            target = (G[:, cols] + u @ H_jj) * inv_s  # t / s: the argmin is the same for s != 0
-            if len(chosen) == 1:
-                book = books[chosen[0]]
-                best = (_argmin_scores(target, book, ((book @ H_jj) * book).sum(1)),)
-            else:
-                best = _pair_argmin(target, books[list(chosen)], H_jj,
-                                    codes[:, j, list(chosen)], beam)
-            for m, code in zip(chosen, best):
-                codes[:, j, m] = code
-            new = sum(books[m][codes[:, j, m]] for m in chosen) * scales[:, None]
-            G.addmm_(u - new, H[cols])  # u - new: the change of W - Ŵ in this group
+    groups = codes.shape[1]
+    for first in range(0, groups, LAZY_GROUPS):
+        # G is brought up to date once per span of groups (one large matmul): inside the
+        # span, a group's columns add the changes made so far in the span themselves
+        span = slice(first * g, min(groups, first + LAZY_GROUPS) * g)
+        changes = torch.zeros(W.shape[0], span.stop - span.start, dtype=W.dtype,
+                              device=W.device)  # of W - Ŵ in the span
+        for j in range(first, min(groups, first + LAZY_GROUPS)):
+            cols, local = slice(j * g, (j + 1) * g), slice((j - first) * g, (j - first + 1) * g)
+            H_jj = H[cols, cols]
+            G_j = G[:, cols] + changes @ H[span, cols]
+            for chosen in sets:
+                u = _codewords(books, codes[:, j], chosen) * scales[:, None]
+                target = (G_j + u @ H_jj) * inv_s  # t / s: the argmin is the same for s != 0
+                if len(chosen) == 1:
+                    book = books[chosen[0]]
+                    best = (_argmin_scores(target, book, ((book @ H_jj) * book).sum(1)),)
+                else:
+                    best = _pair_argmin(target, books[list(chosen)], H_jj,
+                                        codes[:, j, list(chosen)], beam)
+                for m, code in zip(chosen, best):
+                    codes[:, j, m] = code
+                change = u - _codewords(books, codes[:, j], chosen) * scales[:, None]
+                changes[:, local] += change
+                G_j = G_j + change @ H_jj
+        G.addmm_(changes, H[span])
     return codes
+
+
+def _codewords(books, codes_j, chosen) -> torch.Tensor:
+    """Sum over the codebooks `chosen` of each row's codeword in one group."""
+    total = books[chosen[0]][codes_j[:, chosen[0]]]
+    for m in chosen[1:]:
+        total = total + books[m][codes_j[:, m]]
+    return total
 
 
 def _pair_argmin(target, pair, H_jj, current, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (a, b) minimising v^T H_jj v - 2 target.v for v = pair[0][a] + pair[1][b], per
     row, among the `beam` best a on their own (and the current a), each with every b.
-    Exhaustive when beam >= 2^B. (Also searching the best b with every a doubles the
-    cost for ~1% lower layer error; alternating the two between sweeps did worse.)"""
+    Exhaustive when beam >= 2^B. (Also searching the best b with every a took 1.7x the
+    time for ~1% lower layer error; alternating the two between sweeps did worse.)"""
     books_hh = pair @ H_jj                                    # [2, K, g]
     own = (books_hh * pair).sum(2)[:, None] - 2 * target @ pair.transpose(1, 2)  # [2, R, K]
     cross = 2 * books_hh[0] @ pair[1].t()                     # [K, K]: a with b

@@ -48,6 +48,24 @@ def test_a_converged_code_sweep_leaves_every_code_optimal_by_brute_force():
             assert loss64(W, H, trial, books, scales) >= best - 1e-9 * best
 
 
+def test_one_sweep_equals_brute_force_coordinate_descent_across_many_groups():
+    """More groups than LAZY_GROUPS, so the running gradient is brought up to date in
+    several spans; each code must still be the exact best given all the others."""
+    groups = 2 * cb.LAZY_GROUPS + 3
+    W, H, codes, books, scales = problem(out=3, groups=groups, m=2, nbits=2, g=2, seed=5)
+    swept = cb.update_codes(W, H, codes, books, scales)
+    expected = codes.clone()
+    for j, m in itertools.product(range(groups), range(2)):
+        for r in range(3):
+            trials = []
+            for k in range(4):
+                trial = expected.clone()
+                trial[r, j, m] = k
+                trials.append(loss64(W, H, trial, books, scales))
+            expected[r, j, m] = min(range(4), key=trials.__getitem__)
+    assert torch.equal(swept, expected)
+
+
 def sweep_to_convergence(W, H, codes, books, scales, beam):
     losses = [loss64(W, H, codes, books, scales)]
     for _ in range(30):
