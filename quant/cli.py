@@ -62,6 +62,7 @@ def method_options(args) -> dict:
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
     from quant.data import CalibConfig
     from quant.methods import METHODS
+    from quant.pipeline import MATMUL_DTYPES
 
     p.add_argument("model", nargs="?", help="demo alias (default smollm2-135m), local "
                    "directory, or hub id (when online)")
@@ -79,7 +80,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--matmul-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+    p.add_argument("--matmul-dtype", default="auto", choices=["auto", *MATMUL_DTYPES],
                    help="CPU runs: dtype of the model's matmuls while calibrating (weights "
                         "and statistics stay fp32); auto: bfloat16 where the CPU has native "
                         "bf16 and the method allows it (aqlm), else float32")

@@ -37,10 +37,15 @@ def relative_error(block, inputs: BlockInputs, index: int, device,
 def output_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
     num = den = 0.0
     for out, target in zip(outputs, targets):
-        target = target.to(out.device, out.dtype)
-        num += float((out - target).float().pow(2).sum())
-        den += float(target.float().pow(2).sum())
+        err, norm = _squared(out, target)
+        num, den = num + float(err), den + float(norm)
     return num / max(den, 1e-30)
+
+
+def _squared(out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||out - target||^2, ||target||^2) in fp32, differentiable in `out`."""
+    target = target.to(out.device, out.dtype)
+    return (out - target).float().pow(2).sum(), target.float().pow(2).sum()
 
 
 def tunable_layers(block) -> dict[str, QuantLinear]:
@@ -108,8 +113,8 @@ def _adam(block, layers, norms, formats, inputs, index, device, targets, config)
             for name, layer in layers.items():
                 layer.pin_dense(on_device[name].dequantize_tunable(parts[name]))
             out = run_block(block, *inputs.rows(index, b, rows), device)
-            target = targets[b][rows].to(out.device, out.dtype)
-            loss = (out - target).float().pow(2).sum() / target.float().pow(2).sum()
+            err, norm = _squared(out, targets[b][rows])
+            loss = err / norm
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

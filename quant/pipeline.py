@@ -62,6 +62,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --matmul-dtype
+
+
 def native_bf16_cpu() -> bool:
     check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     return bool(check and check())
@@ -79,7 +82,7 @@ def calibration_matmuls(name: str, device: torch.device, method) -> torch.dtype:
     if name == "auto":
         fast = getattr(method, "bf16_calibration", False) and native_bf16_cpu()
         return torch.bfloat16 if fast else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    return MATMUL_DTYPES[name]
 
 
 def default_out(model_spec: str | None, method: str, config) -> Path:
@@ -137,8 +140,8 @@ def quantize(job: QuantizeJob) -> Path:
             else:
                 block_modules, report = quantize_block(block, plan[i], method, inputs, i,
                                                        block_prefix, device, bar)
-        if i >= done:
-            staging.save_block(i, quantized_tensors(block, block_prefix), block_modules, report)
+                staging.save_block(i, quantized_tensors(block, block_prefix), block_modules,
+                                   report)
         blocks[i] = block.to("cpu")
         modules.update(block_modules)
         layers.update(report)

@@ -86,8 +86,11 @@ class BlockInputs:
     def rows(self, index: int, batch: int, rows: slice) -> tuple[torch.Tensor, tuple]:
         """(hidden, call) of block `index` for some sequences of one batch: every tensor
         whose first dimension is the batch's (masks too) is cut to `rows`."""
-        hidden, size = self.hidden[batch], self.hidden[batch].shape[0]
-        cut = lambda t: t[rows] if t.dim() and t.shape[0] == size else t  # noqa: E731
+        hidden = self.hidden[batch]
+
+        def cut(t):
+            return t[rows] if t.dim() and t.shape[0] == hidden.shape[0] else t
+
         return hidden[rows], map_tensors(self.calls[index][batch], cut)
 
 

@@ -86,35 +86,46 @@ def update_codes(W, H, codes, books, scales, beam: int = 1) -> torch.Tensor:
     m_books, _, g = books.shape
     G = (W - reconstruct(codes, books, scales)) @ H
     inv_s = 1 / scales[:, None]
-    paired = 2 * (m_books // 2) if beam > 1 and books.shape[1] <= MAX_PAIRED_CODEWORDS else 0
-    sets = [(m, m + 1) for m in range(0, paired, 2)] + [(m,) for m in range(paired, m_books)]
+    sets = [(chosen, books[chosen]) for chosen in _codebook_sets(m_books, books.shape[1], beam)]
     groups = codes.shape[1]
     for first in range(0, groups, LAZY_GROUPS):
         # G is brought up to date once per span of groups (one large matmul): inside the
         # span, a group's columns add the changes made so far in the span themselves
-        span = slice(first * g, min(groups, first + LAZY_GROUPS) * g)
+        last = min(groups, first + LAZY_GROUPS)
+        span = slice(first * g, last * g)
         changes = torch.zeros(W.shape[0], span.stop - span.start, dtype=W.dtype,
                               device=W.device)  # of W - Ŵ in the span
-        for j in range(first, min(groups, first + LAZY_GROUPS)):
+        for j in range(first, last):
             cols, local = slice(j * g, (j + 1) * g), slice((j - first) * g, (j - first + 1) * g)
             H_jj = H[cols, cols]
             G_j = G[:, cols] + changes @ H[span, cols]
-            for chosen in sets:
+            for chosen, chosen_books in sets:
                 u = _codewords(books, codes[:, j], chosen) * scales[:, None]
                 target = (G_j + u @ H_jj) * inv_s  # t / s: the argmin is the same for s != 0
-                if len(chosen) == 1:
-                    book = books[chosen[0]]
-                    best = (_argmin_scores(target, book, ((book @ H_jj) * book).sum(1)),)
-                else:
-                    best = _pair_argmin(target, books[list(chosen)], H_jj,
-                                        codes[:, j, list(chosen)], beam)
-                for m, code in zip(chosen, best):
+                found = _search(target, chosen_books, H_jj, codes[:, j], chosen, beam)
+                for m, code in zip(chosen, found):
                     codes[:, j, m] = code
                 change = u - _codewords(books, codes[:, j], chosen) * scales[:, None]
                 changes[:, local] += change
                 G_j = G_j + change @ H_jj
         G.addmm_(changes, H[span])
     return codes
+
+
+def _codebook_sets(m_books: int, codewords: int, beam: int) -> list[list[int]]:
+    """The codebooks searched together: pairs when there is a beam, singles otherwise
+    (and for the last of an odd number, or codebooks too large to pair)."""
+    paired = 2 * (m_books // 2) if beam > 1 and codewords <= MAX_PAIRED_CODEWORDS else 0
+    return [[m, m + 1] for m in range(0, paired, 2)] + [[m] for m in range(paired, m_books)]
+
+
+def _search(target, books, H_jj, codes_j, chosen, beam: int) -> tuple[torch.Tensor, ...]:
+    """New codes of one group for the one or two codebooks `chosen` (whose vectors are
+    `books`), one tensor [R] each."""
+    if len(chosen) == 1:
+        book = books[0]
+        return (_argmin_scores(target, book, ((book @ H_jj) * book).sum(1)),)
+    return _pair_argmin(target, books, H_jj, codes_j[:, chosen], beam)
 
 
 def _codewords(books, codes_j, chosen) -> torch.Tensor:
