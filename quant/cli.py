@@ -113,6 +113,11 @@ def run_quantize(args) -> int:
           f"{totals['bytes_on_disk'] / 2**20:.1f} MiB, {report['quantize_seconds']:.0f} s)")
     schemes = collections.Counter(layer.get("scheme", "?") for layer in report["layers"].values())
     print("layer formats: " + ", ".join(f"{n} x {s}" for s, n in schemes.most_common()))
+    if "distill" in report:
+        d = report["distill"]
+        print(f"distillation: KL to the fp model per token {d['kl_before']:.4f} -> "
+              f"{d['kl_after']:.4f} on held-out calibration sequences ({d['steps']} steps, "
+              f"{d['seconds']:.0f} s)")
     if not args.no_eval:
         device = resolve_device(args.device)
         fp = evaluate_ppl(args.model, device=device)

@@ -1,7 +1,12 @@
-"""Block fine-tuning, a pipeline stage after a block's linears are quantized: with the
-discrete parts (codes) frozen, Adam tunes the continuous parts of each quantized layer's
-format (AQLM codebooks and scales) and the block's norms so that the block reproduces the
-fp block's outputs on the calibration batches.
+"""Fine-tuning stages of the pipeline: with the discrete parts (codes) frozen, Adam tunes
+the continuous parts of each quantized layer's format (AQLM codebooks and scales) and the
+norms.
+
+- Block fine-tuning, after a block's linears are quantized: the block reproduces the fp
+  block's outputs on the calibration batches.
+- Model fine-tuning (distillation), after every block: the quantized model's next-token
+  distribution matches the fp model's (KL divergence) on the calibration sequences, which
+  also corrects the error each block passes on to the next.
 
 A format takes part when it has `tunable()` (fp32 copies of its continuous tensors),
 `dequantize_tunable(parts)` (the dense weight, differentiable in the parts) and
@@ -75,54 +80,74 @@ def finetune_block(block, inputs: BlockInputs, index: int, device,
     checked = range(0, len(inputs.hidden), CHECK_EVERY)
     before, _ = relative_error(block, inputs.subset(checked), index, device,
                                [targets[b] for b in checked])
-    norms = norm_parameters(block)
-    formats = {name: layer.quantized_weight() for name, layer in layers.items()}
-    saved_norms = [p.detach().clone() for p in norms]
-    tuned = _adam(block, layers, norms, formats, inputs, index, device, targets, config)
-    for name, layer in layers.items():
-        _install(layer, tuned[name])
+    tunables = Tunables(layers, norm_parameters(block), device)
+    steps = [(b, slice(start, start + config.sequences))
+             for b, hidden in enumerate(inputs.hidden)
+             for start in range(0, hidden.shape[0], config.sequences)]
+
+    def loss(step: int) -> torch.Tensor:
+        b, rows = steps[step % len(steps)]
+        err, norm = _squared(run_block(block, *inputs.rows(index, b, rows), device),
+                             targets[b][rows])
+        return err / norm
+
+    tunables.adam(loss, config)
     _, outputs = relative_error(block, inputs, index, device, targets)
     after = output_error([outputs[b] for b in checked], [targets[b] for b in checked])
     if after > before:
-        for name, layer in layers.items():
-            _install(layer, formats[name])
-        with torch.no_grad():
-            for p, old in zip(norms, saved_norms):
-                p.copy_(old)
+        tunables.restore()
         _, outputs = relative_error(block, inputs, index, device, targets)
         after = before
     return {"before": before, "after": after, "outputs": outputs}
 
 
-def _adam(block, layers, norms, formats, inputs, index, device, targets, config) -> dict:
-    """The formats (rounded to storage) after `config.steps` Adam steps; the norms are
-    tuned in place."""
-    on_device = {name: fmt.to(device) for name, fmt in formats.items()}
-    parts = {name: {k: v.to(device).requires_grad_() for k, v in fmt.tunable().items()}
-             for name, fmt in formats.items()}
-    params = [t for p in parts.values() for t in p.values()] + norms
-    optimizer = torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.95))
-    for p in norms:
-        p.requires_grad_(True)
-    steps = [(b, slice(start, start + config.sequences))
-             for b, hidden in enumerate(inputs.hidden)
-             for start in range(0, hidden.shape[0], config.sequences)]
-    try:
-        for step in range(config.steps):
-            b, rows = steps[step % len(steps)]
-            for name, layer in layers.items():
-                layer.pin_dense(on_device[name].dequantize_tunable(parts[name]))
-            out = run_block(block, *inputs.rows(index, b, rows), device)
-            err, norm = _squared(out, targets[b][rows])
-            loss = err / norm
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    finally:
-        for p in norms:
-            p.requires_grad_(False)
-    return {name: formats[name].with_tunable({k: v.detach() for k, v in parts[name].items()})
-            for name in layers}
+class Tunables:
+    """The continuous parts of some QuantLinears and the norms that Adam tunes; the layers
+    keep their formats (and the norms their values) until `adam` installs new ones."""
+
+    def __init__(self, layers: dict[str, QuantLinear], norms: list[torch.nn.Parameter],
+                 device):
+        self.layers, self.norms = layers, norms
+        self.formats = {name: layer.quantized_weight() for name, layer in layers.items()}
+        self.saved_norms = [p.detach().clone() for p in norms]
+        self.on_device = {name: fmt.to(device) for name, fmt in self.formats.items()}
+        self.parts = {name: {k: v.to(device).requires_grad_() for k, v in fmt.tunable().items()}
+                      for name, fmt in self.formats.items()}
+
+    def pin(self) -> None:
+        """Make the layers compute with the dense weights of the current parts."""
+        for name, layer in self.layers.items():
+            layer.pin_dense(self.on_device[name].dequantize_tunable(self.parts[name]))
+
+    def adam(self, loss, config: FinetuneConfig, progress=None) -> None:
+        """`config.steps` Adam steps on `loss(step)`, then the tuned formats (rounded to
+        storage) are installed; the norms are tuned in place. `progress` wraps the steps
+        (a tqdm bar)."""
+        params = [t for p in self.parts.values() for t in p.values()] + self.norms
+        optimizer = torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.95))
+        for p in self.norms:
+            p.requires_grad_(True)
+        try:
+            for step in (progress or iter)(range(config.steps)):
+                self.pin()
+                value = loss(step)
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                optimizer.step()
+        finally:
+            for p in self.norms:
+                p.requires_grad_(False)
+        for name, layer in self.layers.items():
+            parts = {k: v.detach() for k, v in self.parts[name].items()}
+            _install(layer, self.formats[name].with_tunable(parts))
+
+    def restore(self) -> None:
+        """Put the original formats and norms back."""
+        for name, layer in self.layers.items():
+            _install(layer, self.formats[name])
+        with torch.no_grad():
+            for p, old in zip(self.norms, self.saved_norms):
+                p.copy_(old)
 
 
 def _install(layer: QuantLinear, fmt) -> None:
@@ -130,3 +155,62 @@ def _install(layer: QuantLinear, fmt) -> None:
     for name, tensor in fmt.state_dict().items():
         getattr(layer, name).data = tensor.to(getattr(layer, name).device)
     layer.pin_dense(fmt.dequantize(torch.float32))
+
+
+# ---- the whole model ---------------------------------------------------------------------
+
+CHECK_SEQUENCES = 4  # held out of model fine-tuning to measure it (when there are enough)
+
+
+def finetune_model(model, teacher, input_ids: torch.Tensor, config: FinetuneConfig, device,
+                   seed: int = 0, progress=None) -> dict | None:
+    """Distil `teacher` (the fp model) into the quantized `model` in place: Adam steps on
+    the KL divergence of their next-token distributions over `config.sequences`
+    calibration sequences each. Returns the mean KL per token on held-out check sequences
+    "before" and "after" (the model is put back when it got worse), or None when the
+    model has nothing to tune."""
+    layers = tunable_layers(model)
+    if not layers:
+        return None
+    train, check = split_sequences(len(input_ids), seed)
+    before = distillation_loss(model, teacher, input_ids[check], device)
+    tunables = Tunables(layers, norm_parameters(model), device)
+
+    def loss(step: int) -> torch.Tensor:
+        start = step * config.sequences
+        rows = train[[(start + j) % len(train) for j in range(config.sequences)]]
+        return _kl(model, teacher, input_ids[rows].to(device))
+
+    tunables.adam(loss, config, progress)
+    after = distillation_loss(model, teacher, input_ids[check], device)
+    if after > before:
+        tunables.restore()
+        after = before
+    for layer in layers.values():
+        layer.pin_dense(None)
+    return {"kl_before": before, "kl_after": after}
+
+
+def split_sequences(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, check) sequence numbers of model fine-tuning: a seeded shuffle whose
+    last CHECK_SEQUENCES are held out, unless there are too few to spare them."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    if count > 2 * CHECK_SEQUENCES:
+        return order[:-CHECK_SEQUENCES], order[-CHECK_SEQUENCES:]
+    return order, order[:CHECK_SEQUENCES]
+
+
+def distillation_loss(model, teacher, input_ids: torch.Tensor, device) -> float:
+    """Mean KL(teacher || model) per token over the sequences, one at a time."""
+    with torch.no_grad():
+        return sum(float(_kl(model, teacher, ids[None].to(device))) for ids in input_ids) / \
+            len(input_ids)
+
+
+def _kl(model, teacher, ids: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || model) of the next-token distributions, mean per token (fp32)."""
+    with torch.no_grad():
+        target = torch.log_softmax(teacher(ids).logits.float(), -1).flatten(0, 1)
+    logits = model(ids).logits.float().flatten(0, 1)
+    return torch.nn.functional.kl_div(torch.log_softmax(logits, -1), target, log_target=True,
+                                      reduction="batchmean")

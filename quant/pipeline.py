@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import shutil
 import time
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from quant import checkpoint, models
 from quant.data import CalibConfig, calibration_windows
 from quant.errors import ConfigError, ModelError
-from quant.finetune import block_outputs, finetune_block, norm_parameters
+from quant.finetune import block_outputs, finetune_block, finetune_model, norm_parameters
 from quant.formats import format_class
 from quant.formats.int_weight import PACKING
 from quant.layers import QuantLinear, set_module
@@ -146,6 +147,8 @@ def quantize(job: QuantizeJob) -> Path:
         modules.update(block_modules)
         layers.update(report)
         block_seconds.append(round(time.time() - tick, 2))
+    distilled = distill(model, method, source, input_ids, device, matmuls, calib.seed,
+                        job.progress)
 
     quant_config = {
         "quant_method": checkpoint.QUANT_METHOD, "format_version": checkpoint.FORMAT_VERSION,
@@ -159,9 +162,30 @@ def quantize(job: QuantizeJob) -> Path:
                "method": job.method, "options": dataclasses.asdict(method.config),
                "device": str(device), "matmul_dtype": str(matmuls).removeprefix("torch."),
                "quantize_seconds": round(time.time() - started, 2),
-               "block_seconds": block_seconds}
+               "block_seconds": block_seconds, **distilled}
     write_checkpoint(staging, model, tokenizer, source, quant_config, layers, summary)
     return out
+
+
+def distill(model, method, source: Path, input_ids: torch.Tensor, device, matmuls,
+            seed: int, progress: bool) -> dict:
+    """The model fine-tuning stage a method asks for (`method.distill`): the quantized
+    model learns the fp model's next-token distributions. Returns its report entry."""
+    config = getattr(method, "distill", None)
+    if not config:
+        return {}
+    tick = time.time()
+    teacher = models.load_fp(source, model.dtype).to(device).eval()
+    model.to(device)
+    bar = partial(tqdm, desc="distill", unit="step", disable=not progress)
+    with torch.autocast("cpu", torch.bfloat16, enabled=matmuls == torch.bfloat16):
+        result = finetune_model(model, teacher, input_ids, config, device, seed, bar)
+    model.to("cpu")
+    del teacher
+    if result is None:
+        return {}
+    return {"distill": {"steps": config.steps, "lr": config.lr, "sequences": config.sequences,
+                        **result, "seconds": round(time.time() - tick, 2)}}
 
 
 def plan_layers(prefix: str, blocks, method) -> list[dict[str, torch.nn.Linear]]:

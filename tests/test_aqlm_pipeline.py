@@ -14,8 +14,10 @@ from quant.pipeline import QuantizeJob, quantize
 from tests.test_cli import assert_user_error, run
 
 CALIB = CalibConfig("wiki-demo", nsamples=8, seqlen=64)
-# block fine-tuning (tests/test_finetune.py) would change the norms the fp reference uses
-OPTIONS = {"codebooks": "2x6", "in_group": 4, "bits": 3, "max_epochs": 2, "finetune_steps": 0}
+# fine-tuning (tests/test_finetune.py, tests/test_distill.py) would change the norms the fp
+# reference uses
+OPTIONS = {"codebooks": "2x6", "in_group": 4, "bits": 3, "max_epochs": 2, "finetune_steps": 0,
+           "distill_steps": 0}
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +99,7 @@ def test_aqlm_cli_reports_the_chosen_shapes(tmp_path, tiny_dir):
                "--nsamples", "4", "--seqlen", "64", "--no-eval", "--out", str(tmp_path / "c"))
     assert proc.returncode == 0, proc.stderr
     assert "layer formats:" in proc.stdout and "bits/weight" in proc.stdout
+    assert "distillation: KL to the fp model" in proc.stdout  # on by default
     assert_user_error(run("quantize", str(tiny_dir), "--method", "aqlm", "--codebooks", "1x16",
                           "--no-eval", "--out", str(tmp_path / "d")), "larger than the")
 

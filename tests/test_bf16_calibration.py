@@ -68,7 +68,7 @@ def test_auto_picks_bf16_only_for_methods_that_allow_it_on_a_native_bf16_cpu(mon
 
 def test_a_bf16_calibrated_run_records_it_and_loses_little(tiny_dir, tmp_path):
     options = {"codebooks": "2x6", "in_group": 4, "bits": 3, "max_epochs": 2,
-               "finetune_steps": 0}
+               "finetune_steps": 0, "distill_steps": 0}
     errors = {}
     for dtype in ("float32", "bfloat16"):
         out = quantize(QuantizeJob("aqlm", options, str(tiny_dir), CALIB, tmp_path / dtype,

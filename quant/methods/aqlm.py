@@ -5,6 +5,8 @@ Per layer: residual k-means on the row-normalised weight groups, then epochs of
 (codes by coordinate descent, codebooks by least squares, scales in closed form) until the
 relative improvement falls below `tol` (the math: quant/methods/codebooks.py).
 `--bits` picks the codebook shape per layer (`choose_shape`) unless `--codebooks` fixes it.
+The method asks the pipeline for its fine-tuning stages (quant/finetune.py): per block
+(`finetune`) and, after every block, distillation of the whole model (`distill`).
 """
 
 from __future__ import annotations
@@ -83,11 +85,18 @@ class AQLMConfig:
         "help": "aqlm: conjugate-gradient iterations per codebook solve"})
     init_seed: int = field(default=0, metadata={
         "help": "aqlm: seed of the k-means initialisation"})
-    finetune_steps: int = field(default=32, metadata={
+    finetune_steps: int = field(default=0, metadata={
         "help": "aqlm: Adam steps per block tuning codebooks, scales and norms to the fp "
-                "block's outputs (codes frozen), two calibration sequences each; 0: off"})
+                "block's outputs (codes frozen), two calibration sequences each; 0: off "
+                "(the default: --distill-steps gains more per second)"})
     finetune_lr: float = field(default=3e-3, metadata={
         "help": "aqlm: learning rate of the block fine-tuning"})
+    distill_steps: int = field(default=50, metadata={
+        "help": "aqlm: Adam steps after every block is quantized, tuning all codebooks, "
+                "scales and norms so that the model's next-token distributions match the fp "
+                "model's (KL divergence), two calibration sequences each; 0: off"})
+    distill_lr: float = field(default=1e-3, metadata={
+        "help": "aqlm: learning rate of the model distillation"})
 
     def given_shape(self) -> Shape | None:
         """The shape --codebooks (and --in-group) fix, or None when --bits chooses."""
@@ -112,8 +121,10 @@ class AQLMConfig:
         if min(self.max_epochs, self.kmeans_iters, self.cg_iters, self.beam) < 1:
             raise ConfigError("--max-epochs, --beam, --kmeans-iters and --cg-iters must be "
                               "positive")
-        if self.finetune_steps < 0 or self.finetune_lr <= 0:
-            raise ConfigError("--finetune-steps must be >= 0 and --finetune-lr positive")
+        if min(self.finetune_steps, self.distill_steps) < 0 or \
+                min(self.finetune_lr, self.distill_lr) <= 0:
+            raise ConfigError("--finetune-steps and --distill-steps must be >= 0, "
+                              "--finetune-lr and --distill-lr positive")
         if not 0 <= self.tol < 1:
             raise ConfigError(f"--tol must be in [0, 1) (got {self.tol})")
         return self
@@ -136,6 +147,12 @@ class AQLM:
         """The pipeline's block fine-tuning stage, when asked for."""
         c = self.config
         return FinetuneConfig(c.finetune_steps, c.finetune_lr) if c.finetune_steps else None
+
+    @property
+    def distill(self) -> FinetuneConfig | None:
+        """The pipeline's model fine-tuning stage, when asked for."""
+        c = self.config
+        return FinetuneConfig(c.distill_steps, c.distill_lr) if c.distill_steps else None
 
     def choose_shape(self, out_features: int, in_features: int) -> tuple[Shape, str]:
         """(shape, why) for a layer; raises ConfigError when none fits."""

@@ -20,7 +20,8 @@ register_method = METHODS.register
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """A method's request for the pipeline's block fine-tuning stage (quant.finetune)."""
+    """A method's request for one of the pipeline's fine-tuning stages (quant.finetune):
+    block by block, or the whole model by distillation."""
 
     steps: int  # Adam steps, cycling through the calibration sequences
     lr: float

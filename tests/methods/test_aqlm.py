@@ -198,3 +198,7 @@ def test_bad_codebook_options_give_clear_errors():
         make_method("aqlm", codebooks="16")
     with pytest.raises(ConfigError, match="cannot store"):
         make_method("aqlm", codebooks="1x16", bits=3)
+    for bad in ({"finetune_steps": -1}, {"distill_steps": -1}, {"distill_lr": 0.0},
+                {"finetune_lr": -1e-3}):
+        with pytest.raises(ConfigError, match="must be >= 0"):
+            make_method("aqlm", **bad)
