@@ -3,7 +3,8 @@
 Block by block: take the block's inputs for the calibration batch, gather the statistics
 the method needs with hooks, quantize each linear and swap in its QuantLinear, re-run the
 block (measuring each layer's output error) to make the next block's inputs, and persist
-the block. The checkpoint directory appears by one rename when every block is done.
+the block. Then the whole-model stage a method may ask for (distillation) runs. The
+checkpoint directory appears by one rename when all of it is done.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import contextlib
 import dataclasses
 import shutil
 import time
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -86,6 +87,12 @@ def calibration_matmuls(name: str, device: torch.device, method) -> torch.dtype:
     return MATMUL_DTYPES[name]
 
 
+def calibration_autocast(matmuls: torch.dtype):
+    """The context the pipeline runs the model in: CPU bf16 autocast when `matmuls` asks
+    for it (calibration_matmuls), else nothing changes."""
+    return torch.autocast("cpu", torch.bfloat16, enabled=matmuls == torch.bfloat16)
+
+
 def default_out(model_spec: str | None, method: str, config) -> Path:
     name = Path(model_spec.rstrip("/")).name if model_spec else "smollm2-135m"
     bits = getattr(config, "bits", None)
@@ -134,7 +141,7 @@ def quantize(job: QuantizeJob) -> Path:
     for i in bar:
         tick = time.time()
         block, block_prefix = blocks[i].to(device), f"{prefix}.{i}."
-        with torch.autocast("cpu", torch.bfloat16, enabled=matmuls == torch.bfloat16):
+        with calibration_autocast(matmuls):
             if i < done:
                 block_modules, report = restore_block(block, staging, i, block_prefix)
                 propagate(block, inputs, i, device)
@@ -178,10 +185,9 @@ def distill(model, method, source: Path, input_ids: torch.Tensor, device, matmul
     teacher = models.load_fp(source, model.dtype).to(device).eval()
     model.to(device)
     bar = partial(tqdm, desc="distill", unit="step", disable=not progress)
-    with torch.autocast("cpu", torch.bfloat16, enabled=matmuls == torch.bfloat16):
+    with calibration_autocast(matmuls):
         result = finetune_model(model, teacher, input_ids, config, device, seed, bar)
     model.to("cpu")
-    del teacher
     if result is None:
         return {}
     return {"distill": {"steps": config.steps, "lr": config.lr, "sequences": config.sequences,

@@ -145,14 +145,12 @@ class AQLM:
     @property
     def finetune(self) -> FinetuneConfig | None:
         """The pipeline's block fine-tuning stage, when asked for."""
-        c = self.config
-        return FinetuneConfig(c.finetune_steps, c.finetune_lr) if c.finetune_steps else None
+        return FinetuneConfig.requested(self.config.finetune_steps, self.config.finetune_lr)
 
     @property
     def distill(self) -> FinetuneConfig | None:
         """The pipeline's model fine-tuning stage, when asked for."""
-        c = self.config
-        return FinetuneConfig(c.distill_steps, c.distill_lr) if c.distill_steps else None
+        return FinetuneConfig.requested(self.config.distill_steps, self.config.distill_lr)
 
     def choose_shape(self, out_features: int, in_features: int) -> tuple[Shape, str]:
         """(shape, why) for a layer; raises ConfigError when none fits."""

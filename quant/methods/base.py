@@ -27,6 +27,11 @@ class FinetuneConfig:
     lr: float
     sequences: int = 2  # calibration sequences (windows) per step
 
+    @classmethod
+    def requested(cls, steps: int, lr: float) -> FinetuneConfig | None:
+        """The stage's config, or None when a method's options turn it off (0 steps)."""
+        return cls(steps, lr) if steps else None
+
 
 def _load_entry_points() -> None:
     for ep in entry_points(group="lowbit.methods"):
