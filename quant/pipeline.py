@@ -275,7 +275,8 @@ def quantize_linears(prefix: str, linears: dict, method, hessian) -> dict[str, t
     if hasattr(method, "quantize_group") and hessian is not None:
         results = method.quantize_group(list(weights.values()), hessian)
     else:
-        results = [method.quantize(w, hessian) for w in weights.values()]
+        results = [method.quantize(w, hessian, name=prefix + name)
+                   for name, w in weights.items()]
     seconds = time.time() - tick
     rows = sum(w.shape[0] for w in weights.values())
     out = {}

@@ -52,6 +52,22 @@ def candidate_shapes(bits: int) -> list[Shape]:
     return sorted(shapes, key=lambda s: (-s.nbits, abs(s.in_group - 8), s.num_codebooks))
 
 
+def wider_shape(shape: Shape, out_features: int, in_features: int) -> Shape | None:
+    """The same codebooks over the next smaller in-group that divides the layer, when that
+    stores at most half again the code bits (2x8 g8 -> 2x8 g6: 2.67 bits), else None."""
+    for in_group in range(shape.in_group - 1, 0, -1):
+        if in_features % in_group == 0:
+            wide = Shape(shape.num_codebooks, shape.nbits, in_group)
+            fits = _groups(wide, out_features, in_features) >= (1 << wide.nbits)
+            return wide if fits and 3 * in_group >= 2 * shape.in_group else None
+    return None
+
+
+def _groups(shape: Shape, out_features: int, in_features: int) -> int:
+    """Weight groups (codes per codebook) of a layer."""
+    return out_features * in_features // shape.in_group
+
+
 def parse_codebooks(text: str) -> tuple[int, int]:
     match = re.fullmatch(r"(\d+)x(\d+)", text.strip())
     if not match:
@@ -68,6 +84,11 @@ class AQLMConfig:
                 "chosen per layer from --bits"})
     in_group: int | None = field(default=None, metadata={
         "help": "aqlm: weights per code group (default: --codebooks M*B / --bits)"})
+    wide_layers: str = field(default="down_proj", metadata={
+        "help": "aqlm: layers (a regex searched in their names) that --bits gives up to half "
+                "again the code bits, by the next smaller in-group (2x8 g6 for 2x8 g8); the "
+                "default, the MLP's down projection, holds the largest share of a 2-bit "
+                "model's error; '' for none"})
     codebook_budget: float = field(default=0.25, metadata={
         "help": "aqlm: when choosing shapes, the largest codebook storage allowed as a "
                 "fraction of the layer's code storage"})
@@ -116,6 +137,10 @@ class AQLMConfig:
                               "(aqlm supports 1 to 8 code bits per weight)")
         if self.given_shape() is None and self.in_group is not None:
             raise ConfigError("--in-group needs --codebooks (or drop it and let --bits choose)")
+        try:
+            re.compile(self.wide_layers)
+        except re.error as exc:
+            raise ConfigError(f"--wide-layers {self.wide_layers!r} is not a regex: {exc}") from None
         if self.codebook_budget <= 0:
             raise ConfigError("--codebook-budget must be positive")
         if min(self.max_epochs, self.kmeans_iters, self.cg_iters, self.beam) < 1:
@@ -152,20 +177,32 @@ class AQLM:
         """The pipeline's model fine-tuning stage, when asked for."""
         return FinetuneConfig.requested(self.config.distill_steps, self.config.distill_lr)
 
-    def choose_shape(self, out_features: int, in_features: int) -> tuple[Shape, str]:
-        """(shape, why) for a layer; raises ConfigError when none fits."""
-        c, groups_of = self.config, (lambda s: out_features * in_features // s.in_group)
+    def choose_shape(self, out_features: int, in_features: int,
+                     name: str = "") -> tuple[Shape, str]:
+        """(shape, why) for the layer `name`; raises ConfigError when none fits."""
+        c = self.config
         shape = c.given_shape()
         if shape is not None:
             check_codebook_config(shape.num_codebooks, shape.nbits, shape.in_group, in_features)
-            if groups_of(shape) < (1 << shape.nbits):
+            if _groups(shape, out_features, in_features) < (1 << shape.nbits):
                 raise ConfigError(
                     f"--codebooks {c.codebooks}: a {1 << shape.nbits}-vector codebook is larger "
-                    f"than the {groups_of(shape)} weight groups of a {out_features}x{in_features}"
-                    " layer; use a smaller codebook (e.g. 2x8) or let --bits choose")
+                    f"than the {_groups(shape, out_features, in_features)} weight groups of a "
+                    f"{out_features}x{in_features} layer; use a smaller codebook (e.g. 2x8) or "
+                    "let --bits choose")
             return shape, "given"
+        shape, why = self._shape_for_bits(out_features, in_features)
+        if c.wide_layers and re.search(c.wide_layers, name):
+            wide = wider_shape(shape, out_features, in_features)
+            if wide is None:
+                return shape, why + "; no wider in-group divides the layer (--wide-layers)"
+            return wide, f"{shape} widened (--wide-layers)"
+        return shape, why
+
+    def _shape_for_bits(self, out_features: int, in_features: int) -> tuple[Shape, str]:
+        c = self.config
         fitting = [s for s in candidate_shapes(c.bits) if in_features % s.in_group == 0
-                   and groups_of(s) >= (1 << s.nbits)]
+                   and _groups(s, out_features, in_features) >= (1 << s.nbits)]
         if not fitting:
             raise ConfigError(f"--bits {c.bits} is not reachable by any codebook shape for a "
                               f"{out_features}x{in_features} layer")
@@ -181,12 +218,12 @@ class AQLM:
 
     def check_layer(self, name: str, out_features: int, in_features: int) -> None:
         try:
-            self.choose_shape(out_features, in_features)
+            self.choose_shape(out_features, in_features, name)
         except ConfigError as exc:
             raise ConfigError(f"{name}: {exc}") from None
 
-    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor):
-        shape, why = self.choose_shape(*weight.shape)
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor, name: str = ""):
+        shape, why = self.choose_shape(*weight.shape, name)
         result = quantize_layer(weight.float(), hessian.float(), shape, self.config)
         fmt = CodebookWeight.from_parts(result["codes"], result["books"], result["scales"])
         return fmt, {"codebooks": f"{shape.num_codebooks}x{shape.nbits}",

@@ -2,7 +2,9 @@
 
 Methods register by name; third-party ones through the entry-point group
 `lowbit.methods` (each entry point names a method class). A method declares the
-statistics it needs and never runs the model: the pipeline does.
+statistics it needs and never runs the model: the pipeline does. Its
+`quantize(weight, stats, name=...)` gets the layer's full name (e.g.
+`model.layers.3.mlp.down_proj`), which a method may use to treat layers differently.
 """
 
 from __future__ import annotations

@@ -160,7 +160,8 @@ class GPTQ:
     def check_layer(self, name: str, out_features: int, in_features: int) -> None:
         check_int_config(self.config.bits, self.group_size(in_features), in_features)
 
-    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor) -> tuple[IntWeight, dict]:
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor,
+                 name: str = "") -> tuple[IntWeight, dict]:
         return self.quantize_group([weight], hessian)[0]
 
     def quantize_group(self, weights: list[torch.Tensor],

@@ -29,7 +29,7 @@ class RTN:
     def group_size(self, in_features: int) -> int:
         return effective_group_size(self.config.group_size, in_features)
 
-    def quantize(self, weight, hessian=None) -> tuple[IntWeight, dict]:
+    def quantize(self, weight, hessian=None, name: str = "") -> tuple[IntWeight, dict]:
         bits, sym = self.config.bits, self.config.sym
         group_size = self.group_size(weight.shape[1])
         q, zeros, scales = quantize_groups(weight, bits, group_size, sym)
