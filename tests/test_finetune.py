@@ -40,6 +40,27 @@ def test_tunable_parts_reproduce_the_format_and_round_to_storage():
     assert torch.equal(tuned.scales.view(-1).float(), parts["scales"].half().float())
 
 
+def test_tunable_gradients_equal_the_float64_sum_over_each_codeword_s_uses():
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (5, 7, 2), generator=gen)
+    fmt = CodebookWeight.from_parts(codes, torch.randn(2, 16, 3, generator=gen),
+                                    torch.rand(5, generator=gen) + 0.5)
+    parts = {k: v.double().requires_grad_() for k, v in fmt.tunable().items()}
+    upstream = torch.randn(5, 21, generator=gen, dtype=torch.float64)
+    (fmt.dequantize_tunable(parts) * upstream).sum().backward()
+    # d/dC_m[k] = sum over (row, group) whose m-th code is k of scale_row * upstream's group
+    books, scales = parts["codebooks"].detach(), parts["scales"].detach()
+    expected = torch.zeros_like(books)
+    for row in range(5):
+        for group in range(7):
+            for m in range(2):
+                expected[m, codes[row, group, m]] += scales[row] * upstream[row, 3 * group:
+                                                                            3 * group + 3]
+    assert torch.allclose(parts["codebooks"].grad, expected, rtol=1e-12, atol=1e-12)
+    words = (books[0][codes[..., 0]] + books[1][codes[..., 1]]).reshape(5, 21)
+    assert torch.allclose(parts["scales"].grad, (words * upstream).sum(1), rtol=1e-12)
+
+
 @pytest.fixture(scope="module")
 def quantized_block(tiny_dir, demo_tokenizer):
     """Block 0 of the tiny model, AQLM-quantized (no tuning), its inputs and fp targets."""

@@ -44,8 +44,27 @@ def codebook_config(num_codebooks: int, nbits: int, in_group_size: int) -> dict:
 def reconstruct(codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """W [out, in] from codes [out, J, M] (int64, in [0, 2^B)), books [M, 2^B, g], scales [out]."""
     out, groups, m = codes.shape
-    vectors = sum(books[i][codes[:, :, i]] for i in range(m))
+    vectors = sum(LookUp.apply(books[i], codes[:, :, i]) for i in range(m))
     return (vectors * scales[:, None, None]).reshape(out, groups * books.shape[2])
+
+
+class LookUp(torch.autograd.Function):
+    """table[index] for a 2-D table, differentiable in the table. On CPUs, indexing and its
+    autograd (index_put) are several times slower than `embedding` for the lookup and
+    `index_add_` for the gradient, and fine-tuning does both for every layer each step."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = table.shape[0]
+        return torch.nn.functional.embedding(index, table)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        width = grad.shape[-1]
+        table_grad = grad.new_zeros(ctx.rows, width)
+        return table_grad.index_add_(0, index.reshape(-1), grad.reshape(-1, width)), None
 
 
 @register_format("codebook")
