@@ -7,7 +7,8 @@
   is never materialised.
 - `codebook_dequant_matmul` (prefill): a kernel writes the dense W in the activation
   dtype, then one dense matmul (cuBLAS on a GPU).
-Accumulation is fp32. The in-group size must be a power of two (Triton's arange).
+Accumulation is fp32. An in-group size g that is not a power of two (2x8 g6) runs in
+lanes of the next power of two, the extra ones masked.
 """
 
 from __future__ import annotations
@@ -22,34 +23,38 @@ from quant.kernels.tuning import CodebookTile
 
 @triton.jit
 def _codebook_vectors(codes_ptr, books_ptr, rn, rj, N, J, m,
-                      NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, G: tl.constexpr):
-    """[BN, BJ, G] fp32 codewords of codebook m for output rows rn and code groups rj."""
+                      NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, G: tl.constexpr,
+                      G_PAD: tl.constexpr):
+    """[BN, BJ, G_PAD] fp32 codewords of codebook m for output rows rn and code groups rj
+    (lanes from G on are 0)."""
     mask = (rn[:, None] < N) & (rj[None, :] < J)
     code = tl.load(codes_ptr + (rn[:, None] * J + rj[None, :]) * NUM_CODEBOOKS + m,
                    mask=mask, other=0).to(tl.int32) & ((1 << NBITS) - 1)   # signed on disk
-    rg = tl.arange(0, G)
+    rg = tl.arange(0, G_PAD)
     row = (m << NBITS) + code
-    return tl.load(books_ptr + row[:, :, None] * G + rg[None, None, :]).to(tl.float32)
+    return tl.load(books_ptr + row[:, :, None] * G + rg[None, None, :],
+                   mask=rg[None, None, :] < G, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _codebook_gemv_kernel(
     x_ptr, codes_ptr, books_ptr, scales_ptr, out_ptr,
     M, N, J, stride_xm, stride_om,
-    NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, G: tl.constexpr,
+    NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     pid_n, row = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                            # [BN]
-    rg = tl.arange(0, G)
+    rg = tl.arange(0, G_PAD)
     acc = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.float32)
     for j_start in range(0, J, BLOCK_J):
         rj = j_start + tl.arange(0, BLOCK_J)                                # [BJ]
         x = tl.load(x_ptr + row * stride_xm + rj[:, None] * G + rg[None, :],
-                    mask=rj[:, None] < J, other=0.0).to(tl.float32)          # [BJ, G]
+                    mask=(rj[:, None] < J) & (rg[None, :] < G),
+                    other=0.0).to(tl.float32)                               # [BJ, G_PAD]
         for m in tl.static_range(NUM_CODEBOOKS):
             vectors = _codebook_vectors(codes_ptr, books_ptr, rn, rj, N, J, m,
-                                        NUM_CODEBOOKS, NBITS, G)             # [BN, BJ, G]
+                                        NUM_CODEBOOKS, NBITS, G, G_PAD)
             acc += tl.sum(vectors * x[None, :, :], axis=2)
     scale = tl.load(scales_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=1) * scale
@@ -59,32 +64,26 @@ def _codebook_gemv_kernel(
 @triton.jit
 def _codebook_dequant_kernel(
     codes_ptr, books_ptr, scales_ptr, out_ptr, N, J,
-    NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, G: tl.constexpr,
+    NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rj = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-    rg = tl.arange(0, G)
-    w = tl.zeros([BLOCK_N, BLOCK_J, G], dtype=tl.float32)
+    rg = tl.arange(0, G_PAD)
+    w = tl.zeros([BLOCK_N, BLOCK_J, G_PAD], dtype=tl.float32)
     for m in tl.static_range(NUM_CODEBOOKS):
-        w += _codebook_vectors(codes_ptr, books_ptr, rn, rj, N, J, m, NUM_CODEBOOKS, NBITS, G)
+        w += _codebook_vectors(codes_ptr, books_ptr, rn, rj, N, J, m, NUM_CODEBOOKS, NBITS, G,
+                               G_PAD)
     scale = tl.load(scales_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     w = w * scale[:, None, None]
     offsets = rn[:, None, None] * (J * G) + rj[None, :, None] * G + rg[None, None, :]
-    mask = (rn[:, None, None] < N) & (rj[None, :, None] < J)
+    mask = (rn[:, None, None] < N) & (rj[None, :, None] < J) & (rg[None, None, :] < G)
     tl.store(out_ptr + offsets, w.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def supported(weight) -> bool:
-    g = weight.in_group_size
-    return g & (g - 1) == 0
 
 
 def _check(x: torch.Tensor, weight) -> torch.Tensor:
     if x.shape[1] != weight.in_features:
         raise ValueError(f"x has {x.shape[1]} columns, the weight expects {weight.in_features}")
-    if not supported(weight):
-        raise ValueError(f"in-group size {weight.in_group_size} is not a power of two")
     return x if x.stride(1) == 1 else x.contiguous()
 
 
@@ -98,6 +97,7 @@ def codebook_gemv(x: torch.Tensor, weight, config: CodebookTile) -> torch.Tensor
     _codebook_gemv_kernel[grid](
         x, weight.codes, weight.codebooks, weight.scales, out, M, N, J, x.stride(0), N,
         NUM_CODEBOOKS=weight.num_codebooks, NBITS=weight.nbits, G=weight.in_group_size,
+        G_PAD=triton.next_power_of_2(weight.in_group_size),
         BLOCK_N=config.block_n, BLOCK_J=config.block_j, num_warps=config.num_warps)
     return out.to(x.dtype)
 
@@ -111,6 +111,7 @@ def codebook_dequant(weight, dtype: torch.dtype, config: CodebookTile) -> torch.
     _codebook_dequant_kernel[grid](
         weight.codes, weight.codebooks, weight.scales, out, N, J,
         NUM_CODEBOOKS=weight.num_codebooks, NBITS=weight.nbits, G=weight.in_group_size,
+        G_PAD=triton.next_power_of_2(weight.in_group_size),
         BLOCK_N=config.block_n, BLOCK_J=config.block_j, num_warps=config.num_warps)
     return out.to(dtype)
 

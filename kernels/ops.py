@@ -34,10 +34,6 @@ def _triton_table() -> dict:
 
 
 def _has_kernels(weight) -> bool:
-    if weight.format_name == "codebook":
-        from quant.kernels.codebook_matmul import supported
-
-        return supported(weight)
     return any(key[0] == weight.format_name for key in _triton_table())
 
 

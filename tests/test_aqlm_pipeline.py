@@ -105,8 +105,8 @@ def test_aqlm_cli_reports_the_chosen_shapes(tmp_path, tiny_dir):
 
 
 def test_triton_codebook_kernels_generate_the_same_tokens(tmp_path, tiny_dir):
-    """Power-of-two in-groups run on the Triton kernels (the interpreter on a CPU):
-    greedy decoding must match the torch reference token for token."""
+    """Greedy decoding on the Triton kernels (the interpreter on a CPU) must match the
+    torch reference token for token."""
     from quant.layers import set_kernel_preference
 
     src = quantize(QuantizeJob("aqlm", {"codebooks": "2x6", "in_group": 4, "bits": 3,
