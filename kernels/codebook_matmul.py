@@ -81,6 +81,12 @@ def _codebook_dequant_kernel(
     tl.store(out_ptr + offsets, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def shape_constexprs(num_codebooks: int, nbits: int, in_group: int) -> dict:
+    """The kernels' compile-time codebook shape; a group runs in G_PAD lanes."""
+    return {"NUM_CODEBOOKS": num_codebooks, "NBITS": nbits, "G": in_group,
+            "G_PAD": triton.next_power_of_2(in_group)}
+
+
 def _check(x: torch.Tensor, weight) -> torch.Tensor:
     if x.shape[1] != weight.in_features:
         raise ValueError(f"x has {x.shape[1]} columns, the weight expects {weight.in_features}")
@@ -96,8 +102,7 @@ def codebook_gemv(x: torch.Tensor, weight, config: CodebookTile) -> torch.Tensor
     grid = (triton.cdiv(N, config.block_n), M)
     _codebook_gemv_kernel[grid](
         x, weight.codes, weight.codebooks, weight.scales, out, M, N, J, x.stride(0), N,
-        NUM_CODEBOOKS=weight.num_codebooks, NBITS=weight.nbits, G=weight.in_group_size,
-        G_PAD=triton.next_power_of_2(weight.in_group_size),
+        **shape_constexprs(weight.num_codebooks, weight.nbits, weight.in_group_size),
         BLOCK_N=config.block_n, BLOCK_J=config.block_j, num_warps=config.num_warps)
     return out.to(x.dtype)
 
@@ -110,8 +115,7 @@ def codebook_dequant(weight, dtype: torch.dtype, config: CodebookTile) -> torch.
     grid = (triton.cdiv(N, config.block_n), triton.cdiv(J, config.block_j))
     _codebook_dequant_kernel[grid](
         weight.codes, weight.codebooks, weight.scales, out, N, J,
-        NUM_CODEBOOKS=weight.num_codebooks, NBITS=weight.nbits, G=weight.in_group_size,
-        G_PAD=triton.next_power_of_2(weight.in_group_size),
+        **shape_constexprs(weight.num_codebooks, weight.nbits, weight.in_group_size),
         BLOCK_N=config.block_n, BLOCK_J=config.block_j, num_warps=config.num_warps)
     return out.to(dtype)
 

@@ -57,10 +57,9 @@ def variants():
 
 
 def codebook_variants(dtypes):
-    import triton
-
     from quant.kernels import tuning
-    from quant.kernels.codebook_matmul import _codebook_dequant_kernel, _codebook_gemv_kernel
+    from quant.kernels.codebook_matmul import (_codebook_dequant_kernel, _codebook_gemv_kernel,
+                                               shape_constexprs)
 
     shapes = [(1, 16, 8), (2, 8, 8), (1, 8, 4), (4, 8, 16), (2, 8, 6)]  # (M, B, g)
     for (m, nbits, g), dname in itertools.product(shapes, dtypes):
@@ -74,8 +73,8 @@ def codebook_variants(dtypes):
             else:
                 signature = {"codes_ptr": codes, "books_ptr": "*fp16", "scales_ptr": "*fp16",
                              "out_ptr": f"*{dname}", "N": "i32", "J": "i32"}
-            constexprs = {"NUM_CODEBOOKS": m, "NBITS": nbits, "G": g,
-                          "G_PAD": triton.next_power_of_2(g), "BLOCK_N": tile.block_n, "BLOCK_J": tile.block_j}
+            constexprs = {**shape_constexprs(m, nbits, g), "BLOCK_N": tile.block_n,
+                          "BLOCK_J": tile.block_j}
             yield (f"codebook_{regime}/{m}x{nbits}/g{g}/{dname}", kernel, signature, constexprs,
                    {"num_warps": tile.num_warps, "num_stages": 1})
 

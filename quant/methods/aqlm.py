@@ -43,6 +43,15 @@ class Shape:
     def bits_per_weight(self, out_features: int, in_features: int) -> float:
         return self.stored_bits(out_features, in_features) / (out_features * in_features)
 
+    def groups(self, out_features: int, in_features: int) -> int:
+        """Weight groups (codes per codebook) of a layer."""
+        return out_features * in_features // self.in_group
+
+    def fits(self, out_features: int, in_features: int) -> bool:
+        """The in-group divides the layer and a codebook is no larger than its groups."""
+        return (in_features % self.in_group == 0
+                and self.groups(out_features, in_features) >= (1 << self.nbits))
+
 
 def candidate_shapes(bits: int) -> list[Shape]:
     """Codebook shapes storing exactly `bits` code bits per weight, best first: bigger
@@ -58,14 +67,9 @@ def wider_shape(shape: Shape, out_features: int, in_features: int) -> Shape | No
     for in_group in range(shape.in_group - 1, 0, -1):
         if in_features % in_group == 0:
             wide = Shape(shape.num_codebooks, shape.nbits, in_group)
-            fits = _groups(wide, out_features, in_features) >= (1 << wide.nbits)
-            return wide if fits and 3 * in_group >= 2 * shape.in_group else None
+            wide_enough = 3 * in_group >= 2 * shape.in_group
+            return wide if wide_enough and wide.fits(out_features, in_features) else None
     return None
-
-
-def _groups(shape: Shape, out_features: int, in_features: int) -> int:
-    """Weight groups (codes per codebook) of a layer."""
-    return out_features * in_features // shape.in_group
 
 
 def parse_codebooks(text: str) -> tuple[int, int]:
@@ -184,10 +188,10 @@ class AQLM:
         shape = c.given_shape()
         if shape is not None:
             check_codebook_config(shape.num_codebooks, shape.nbits, shape.in_group, in_features)
-            if _groups(shape, out_features, in_features) < (1 << shape.nbits):
+            if not shape.fits(out_features, in_features):
                 raise ConfigError(
                     f"--codebooks {c.codebooks}: a {1 << shape.nbits}-vector codebook is larger "
-                    f"than the {_groups(shape, out_features, in_features)} weight groups of a "
+                    f"than the {shape.groups(out_features, in_features)} weight groups of a "
                     f"{out_features}x{in_features} layer; use a smaller codebook (e.g. 2x8) or "
                     "let --bits choose")
             return shape, "given"
@@ -201,8 +205,7 @@ class AQLM:
 
     def _shape_for_bits(self, out_features: int, in_features: int) -> tuple[Shape, str]:
         c = self.config
-        fitting = [s for s in candidate_shapes(c.bits) if in_features % s.in_group == 0
-                   and _groups(s, out_features, in_features) >= (1 << s.nbits)]
+        fitting = [s for s in candidate_shapes(c.bits) if s.fits(out_features, in_features)]
         if not fitting:
             raise ConfigError(f"--bits {c.bits} is not reachable by any codebook shape for a "
                               f"{out_features}x{in_features} layer")
