@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -68,3 +70,18 @@ def test_bench_quantize_dry_run(tmp_path):
     assert len(result["layers"]) == 14
     assert all(e["scheme"] == "int3 g32" and 0 < e["rel_output_mse"] < 1
                for e in result["layers"].values())
+
+
+def test_aqlm_synthetic_small_layer(tmp_path):
+    """The 1x16 bar's script on a 1024x1024 layer (the smallest with as many groups as a
+    16-bit codebook has codewords): 1x16 beats 2-bit GPTQ g128 on the same H."""
+    out = tmp_path / "syn.json"
+    synthetic = load_script("aqlm_synthetic")
+    assert synthetic.main(["--size", "1024", "--epochs", "1", "--out", str(out)]) == 0
+    gptq_row, aqlm_row = json.loads(out.read_text())["rows"]
+    assert aqlm_row["method"] == "aqlm 1x16 g8" and aqlm_row["epochs"] == 1
+    codebook, scale = 16 * 8 * 2 ** 16 / 1024 ** 2, 16 / 1024  # fp16, counted per weight
+    assert aqlm_row["bits_per_weight"] == pytest.approx(2 + codebook + scale, abs=1e-4)
+    assert gptq_row["bits_per_weight"] == pytest.approx(2 + 18 / 128, abs=1e-4)  # fp16 scale,
+    # 2-bit zero point per group of 128
+    assert 0 < aqlm_row["rel_output_error"] < gptq_row["rel_output_error"] / 2

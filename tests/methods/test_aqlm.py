@@ -98,6 +98,56 @@ def test_a_full_width_beam_makes_every_pair_of_codes_optimal_by_brute_force():
             assert loss64(W, H, trial, books, scales) >= best - 1e-9 * best
 
 
+def index_problem(k=1 << 14, rows=40, g=3, seed=6):
+    """A large float64 codebook, a positive-definite H_jj, targets and current codes."""
+    gen = torch.Generator().manual_seed(seed)
+    book = torch.randn(k, g, generator=gen, dtype=torch.float64)
+    A = torch.randn(g, g, generator=gen, dtype=torch.float64)
+    H_jj = A @ A.t() + 0.1 * torch.eye(g, dtype=torch.float64)
+    target = torch.randn(rows, g, generator=gen, dtype=torch.float64) @ H_jj
+    current = torch.randint(0, k, (rows,), generator=gen)
+    return book, H_jj, target, current
+
+
+def scores(book, H_jj, target, codes):
+    chosen = book[codes]
+    return ((chosen @ H_jj) * chosen).sum(1) - 2 * (chosen * target).sum(1)
+
+
+def test_codeword_index_probing_every_cluster_is_the_exhaustive_argmin():
+    book, H_jj, target, current = index_problem()
+    index = cb.CodewordIndex(book, probe=10 ** 6)
+    exhaustive = (((book @ H_jj) * book).sum(1)[None] - 2 * target @ book.t()).argmin(1)
+    assert index.probe == int((~index.empty).sum()) == 128  # sqrt(K) clusters, all filled
+    assert torch.equal(index.argmin(target, H_jj, current), exhaustive)
+
+
+def test_codeword_index_is_never_worse_than_the_current_code():
+    book, H_jj, target, _ = index_problem(rows=200)
+    exhaustive = (((book @ H_jj) * book).sum(1)[None] - 2 * target @ book.t()).argmin(1)
+    found = cb.CodewordIndex(book, probe=1).argmin(target, H_jj, exhaustive)
+    assert torch.equal(found, exhaustive)  # the best code, when current, is kept
+    current = torch.randint(0, book.shape[0], (200,), generator=torch.Generator().manual_seed(1))
+    found = cb.CodewordIndex(book, probe=2).argmin(target, H_jj, current)
+    assert (scores(book, H_jj, target, found) <= scores(book, H_jj, target, current)).all()
+    assert (found != exhaustive).any()  # two probes of 128 clusters do miss: a real approximation
+
+
+def test_code_sweeps_over_a_large_codebook_go_through_the_index_and_never_increase_the_loss(
+        monkeypatch):
+    W, H, codes, books, scales = problem(out=6, groups=3, m=1, nbits=14, g=2, seed=7)
+    searches = []
+    original = cb.CodewordIndex.argmin
+    monkeypatch.setattr(cb.CodewordIndex, "argmin",
+                        lambda self, *a: searches.append(1) or original(self, *a))
+    losses = [loss64(W, H, codes, books, scales)]
+    for _ in range(3):
+        codes = cb.update_codes(W, H, codes, books, scales)
+        losses.append(loss64(W, H, codes, books, scales))
+    assert len(searches) == 3 * 3  # every group of every sweep
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0]
+
+
 def test_codebook_solve_equals_the_float64_least_squares_solution():
     W, H, codes, books, scales = problem(out=8, groups=6, m=2, nbits=2, g=2, seed=1)
     solved = cb.solve_codebooks(W, H, codes, books, scales, iters=200, ridge=0.0)
