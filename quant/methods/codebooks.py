@@ -17,6 +17,8 @@ Shapes: W [out, in], H [in, in], codes [out, J, M] int64 (J = in/g), books [M, K
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from quant.formats.codebook_weight import reconstruct
@@ -236,18 +238,30 @@ def h_norms(vectors: torch.Tensor, H_jj: torch.Tensor) -> torch.Tensor:
     return ((vectors @ H_jj) * vectors).sum(1)
 
 
+def codeword_uses(index: torch.Tensor, k: int, dtype) -> torch.Tensor:
+    """Sparse [k, n] matrix with a one at (index[i], i): times rows [n, g], the sum of
+    each codeword's rows. On the CPU that product took 0.5 ms where index_add_ into the
+    k rows took 8 ms (110592 rows, k = 256), in the codebook solve's every CG step."""
+    crow = torch.zeros(k + 1, dtype=torch.long, device=index.device)
+    crow[1:] = torch.cumsum(torch.bincount(index, minlength=k), 0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, torch.argsort(index, stable=True),
+                                       torch.ones(len(index), dtype=dtype, device=index.device),
+                                       (k, len(index)), check_invariants=False)
+
+
 def solve_codebooks(W, H, codes, books, scales, iters: int = 20, ridge: float = 1e-6):
     """The codebooks minimising L + ridge' ||C - books||^2 for fixed codes and scales (the
     small proximal term keeps unused codewords where they are), by Jacobi-preconditioned
     conjugate gradients started from `books`."""
     out, groups, m_books = codes.shape
     k, g = books.shape[1], books.shape[2]
-    index = [codes[:, :, i].reshape(-1) for i in range(m_books)]
+    uses = [codeword_uses(codes[:, :, i].reshape(-1), k, W.dtype) for i in range(m_books)]
 
     def scatter(X):  # adjoint of reconstruct: [out, in] -> [M, K, g]
         rows = (X.reshape(out, groups, g) * scales[:, None, None]).reshape(-1, g)
-        return torch.stack([torch.zeros(k, g, dtype=X.dtype, device=X.device)
-                            .index_add_(0, index[i], rows) for i in range(m_books)])
+        return torch.stack([uses[i] @ rows for i in range(m_books)])
 
     lam = ridge * float(torch.diag(H).mean()) * float(scales.pow(2).mean()) * out * groups / k
     lam = max(lam, 1e-30)
