@@ -114,17 +114,21 @@ def scores(book, H_jj, target, codes):
     return ((chosen @ H_jj) * chosen).sum(1) - 2 * (chosen * target).sum(1)
 
 
+def exhaustive_argmin(book, H_jj, target):
+    return (((book @ H_jj) * book).sum(1)[None] - 2 * target @ book.t()).argmin(1)
+
+
 def test_codeword_index_probing_every_cluster_is_the_exhaustive_argmin():
     book, H_jj, target, current = index_problem()
     index = cb.CodewordIndex(book, probe=10 ** 6)
-    exhaustive = (((book @ H_jj) * book).sum(1)[None] - 2 * target @ book.t()).argmin(1)
+    exhaustive = exhaustive_argmin(book, H_jj, target)
     assert index.probe == int((~index.empty).sum()) == 128  # sqrt(K) clusters, all filled
     assert torch.equal(index.argmin(target, H_jj, current), exhaustive)
 
 
 def test_codeword_index_is_never_worse_than_the_current_code():
     book, H_jj, target, _ = index_problem(rows=200)
-    exhaustive = (((book @ H_jj) * book).sum(1)[None] - 2 * target @ book.t()).argmin(1)
+    exhaustive = exhaustive_argmin(book, H_jj, target)
     found = cb.CodewordIndex(book, probe=1).argmin(target, H_jj, exhaustive)
     assert torch.equal(found, exhaustive)  # the best code, when current, is kept
     current = torch.randint(0, book.shape[0], (200,), generator=torch.Generator().manual_seed(1))
