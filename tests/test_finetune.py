@@ -15,7 +15,7 @@ from quant.data import CalibConfig, calibration_windows
 from quant import pipeline
 from quant.finetune import (CHECK_EVERY, FinetuneConfig, block_outputs, finetune_block,
                             relative_error)
-from quant.formats.codebook_weight import CodebookWeight
+from quant.formats.codebook_weight import CodebookWeight, reconstruct
 from quant.layers import QuantLinear
 from quant.methods import make_method
 from quant.models import load_fp
@@ -40,14 +40,19 @@ def test_tunable_parts_reproduce_the_format_and_round_to_storage():
     assert torch.equal(tuned.scales.view(-1).float(), parts["scales"].half().float())
 
 
-def test_tunable_gradients_equal_the_float64_sum_over_each_codeword_s_uses():
+@pytest.mark.parametrize("through", ["tunable", "reconstruct"])
+def test_tunable_gradients_equal_the_float64_sum_over_each_codeword_s_uses(through):
+    """Tuning backpropagates through each codebook's cached sparse uses; a plain
+    `reconstruct` through index_add_: both give the float64 sum."""
     gen = torch.Generator().manual_seed(1)
     codes = torch.randint(0, 16, (5, 7, 2), generator=gen)
     fmt = CodebookWeight.from_parts(codes, torch.randn(2, 16, 3, generator=gen),
                                     torch.rand(5, generator=gen) + 0.5)
     parts = {k: v.double().requires_grad_() for k, v in fmt.tunable().items()}
     upstream = torch.randn(5, 21, generator=gen, dtype=torch.float64)
-    (fmt.dequantize_tunable(parts) * upstream).sum().backward()
+    weight = fmt.dequantize_tunable(parts) if through == "tunable" else \
+        reconstruct(codes, parts["codebooks"], parts["scales"])
+    (weight * upstream).sum().backward()
     # d/dC_m[k] = sum over (row, group) whose m-th code is k of scale_row * upstream's group
     books, scales = parts["codebooks"].detach(), parts["scales"].detach()
     expected = torch.zeros_like(books)

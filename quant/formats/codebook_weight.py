@@ -11,6 +11,9 @@ as `& (2^B - 1)`; `codebooks` fp16 [M, 2^B, 1, g]; `scales` fp16 [out, 1, 1, 1].
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 
 from quant.errors import ConfigError
@@ -41,30 +44,53 @@ def codebook_config(num_codebooks: int, nbits: int, in_group_size: int) -> dict:
             "in_group_size": in_group_size, "out_group_size": 1}
 
 
-def reconstruct(codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """W [out, in] from codes [out, J, M] (int64, in [0, 2^B)), books [M, 2^B, g], scales [out]."""
+def reconstruct(codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor,
+                uses: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """W [out, in] from codes [out, J, M] (int64, in [0, 2^B)), books [M, 2^B, g], scales [out].
+    `uses`, each codebook's `codeword_uses` of these codes, makes the gradient into the
+    books one sparse product each (worth building when the codes stay fixed)."""
     out, groups, m = codes.shape
-    vectors = sum(LookUp.apply(books[i], codes[:, :, i]) for i in range(m))
+    vectors = sum(LookUp.apply(books[i], codes[:, :, i], None if uses is None else uses[i])
+                  for i in range(m))
     return (vectors * scales[:, None, None]).reshape(out, groups * books.shape[2])
+
+
+def codeword_uses(index: torch.Tensor, k: int, dtype=torch.float32) -> torch.Tensor:
+    """Sparse [k, n] matrix with a one at (index[i], i): times rows [n, g], the sum of
+    each codeword's rows. On the CPU that product took 0.5 ms where index_add_ into the
+    k rows took 8 ms (110592 rows, k = 256)."""
+    crow = torch.zeros(k + 1, dtype=torch.long, device=index.device)
+    crow[1:] = torch.cumsum(torch.bincount(index, minlength=k), 0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, torch.argsort(index, stable=True),
+                                       torch.ones(len(index), dtype=dtype, device=index.device),
+                                       (k, len(index)), check_invariants=False)
 
 
 class LookUp(torch.autograd.Function):
     """table[index] for a 2-D table, differentiable in the table. On CPUs, indexing and its
     autograd (index_put) are several times slower than `embedding` for the lookup and
-    `index_add_` for the gradient, and fine-tuning does both for every layer each step."""
+    `index_add_` (or, given the index's `codeword_uses`, a sparse product) for the
+    gradient, and fine-tuning does both for every layer each step."""
 
     @staticmethod
-    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor, uses=None) -> torch.Tensor:
         ctx.save_for_backward(index)
-        ctx.rows = table.shape[0]
+        ctx.rows, ctx.uses = table.shape[0], uses
         return torch.nn.functional.embedding(index, table)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (index,) = ctx.saved_tensors
         width = grad.shape[-1]
+        rows = grad.reshape(-1, width)
+        if ctx.uses is not None:
+            dtype = torch.promote_types(ctx.uses.dtype, rows.dtype)
+            with torch.autocast(rows.device.type, enabled=False):  # no sparse bf16 product
+                return (ctx.uses.to(dtype) @ rows.to(dtype)).to(grad.dtype), None, None
         table_grad = grad.new_zeros(ctx.rows, width)
-        return table_grad.index_add_(0, index.reshape(-1), grad.reshape(-1, width)), None
+        return table_grad.index_add_(0, index.reshape(-1), rows), None, None
 
 
 @register_format("codebook")
@@ -141,7 +167,8 @@ class CodebookWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [out, in] this format represents (the torch reference)."""
-        return self.dequantize_tunable(self._float_parts()).to(dtype)
+        parts = self._float_parts()
+        return reconstruct(self.code_indices(), parts["codebooks"], parts["scales"]).to(dtype)
 
     def _float_parts(self) -> dict[str, torch.Tensor]:
         """fp32 codebooks [M, 2^B, g] and scales [out]."""
@@ -153,7 +180,16 @@ class CodebookWeight:
         return {name: t.clone() for name, t in self._float_parts().items()}
 
     def dequantize_tunable(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        return reconstruct(self.code_indices(), parts["codebooks"], parts["scales"])
+        codes, uses = self._frozen_codes
+        return reconstruct(codes, parts["codebooks"], parts["scales"], uses)
+
+    @functools.cached_property
+    def _frozen_codes(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The codes and their `codeword_uses`, built once: tuning calls
+        dequantize_tunable every step with the codes fixed."""
+        codes = self.code_indices()
+        return codes, [codeword_uses(codes[:, :, i].reshape(-1), 1 << self.nbits)
+                       for i in range(self.num_codebooks)]
 
     def with_tunable(self, parts: dict[str, torch.Tensor]) -> "CodebookWeight":
         return CodebookWeight.from_parts(self.code_indices(), parts["codebooks"],

@@ -17,11 +17,9 @@ Shapes: W [out, in], H [in, in], codes [out, J, M] int64 (J = in/g), books [M, K
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from quant.formats.codebook_weight import reconstruct
+from quant.formats.codebook_weight import codeword_uses, reconstruct
 
 SCORE_ENTRIES = 1 << 21  # rows x codewords scored at once: 8 MiB of fp32 stays in cache
 TINY_SCALE = 2.0 ** -24  # smallest positive fp16
@@ -242,19 +240,6 @@ class CodewordIndex:
 def h_norms(vectors: torch.Tensor, H_jj: torch.Tensor) -> torch.Tensor:
     """v^T H_jj v for each row v."""
     return ((vectors @ H_jj) * vectors).sum(1)
-
-
-def codeword_uses(index: torch.Tensor, k: int, dtype) -> torch.Tensor:
-    """Sparse [k, n] matrix with a one at (index[i], i): times rows [n, g], the sum of
-    each codeword's rows. On the CPU that product took 0.5 ms where index_add_ into the
-    k rows took 8 ms (110592 rows, k = 256), in the codebook solve's every CG step."""
-    crow = torch.zeros(k + 1, dtype=torch.long, device=index.device)
-    crow[1:] = torch.cumsum(torch.bincount(index, minlength=k), 0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, torch.argsort(index, stable=True),
-                                       torch.ones(len(index), dtype=dtype, device=index.device),
-                                       (k, len(index)), check_invariants=False)
 
 
 def solve_codebooks(W, H, codes, books, scales, iters: int = 20, ridge: float = 1e-6):
