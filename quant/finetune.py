@@ -210,7 +210,8 @@ def distillation_loss(model, teacher, input_ids: torch.Tensor, device) -> float:
 def _kl(model, teacher, ids: torch.Tensor) -> torch.Tensor:
     """KL(teacher || model) of the next-token distributions, mean per token (fp32)."""
     with torch.no_grad():
-        target = torch.log_softmax(teacher(ids).logits.float(), -1).flatten(0, 1)
-    logits = model(ids).logits.float().flatten(0, 1)
+        teacher_logits = teacher(ids, use_cache=False).logits.float()
+        target = torch.log_softmax(teacher_logits, -1).flatten(0, 1)
+    logits = model(ids, use_cache=False).logits.float().flatten(0, 1)
     return torch.nn.functional.kl_div(torch.log_softmax(logits, -1), target, log_target=True,
                                       reduction="batchmean")
