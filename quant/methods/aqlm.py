@@ -116,7 +116,7 @@ class AQLMConfig:
                 "(the default: --distill-steps gains more per second)"})
     finetune_lr: float = field(default=3e-3, metadata={
         "help": "aqlm: learning rate of the block fine-tuning"})
-    distill_steps: int = field(default=50, metadata={
+    distill_steps: int = field(default=70, metadata={
         "help": "aqlm: Adam steps after every block is quantized, tuning all codebooks, "
                 "scales and norms so that the model's next-token distributions match the fp "
                 "model's (KL divergence), two calibration sequences each; 0: off"})
