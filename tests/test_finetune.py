@@ -43,7 +43,7 @@ def test_tunable_parts_reproduce_the_format_and_round_to_storage():
 @pytest.mark.parametrize("through", ["tunable", "reconstruct"])
 def test_tunable_gradients_equal_the_float64_sum_over_each_codeword_s_uses(through):
     """Tuning backpropagates through each codebook's cached sparse uses; a plain
-    `reconstruct` through index_add_: both give the float64 sum."""
+    `reconstruct` through uses built in the backward: both give the float64 sum."""
     gen = torch.Generator().manual_seed(1)
     codes = torch.randint(0, 16, (5, 7, 2), generator=gen)
     fmt = CodebookWeight.from_parts(codes, torch.randn(2, 16, 3, generator=gen),

@@ -70,9 +70,10 @@ def codeword_uses(index: torch.Tensor, k: int, dtype=torch.float32) -> torch.Ten
 
 class LookUp(torch.autograd.Function):
     """table[index] for a 2-D table, differentiable in the table. On CPUs, indexing and its
-    autograd (index_put) are several times slower than `embedding` for the lookup and
-    `index_add_` (or, given the index's `codeword_uses`, a sparse product) for the
-    gradient, and fine-tuning does both for every layer each step."""
+    autograd (index_put) are several times slower than `embedding` for the lookup and the
+    index's `codeword_uses` times the gradient rows for its gradient (given when the caller
+    keeps them across calls, else built here), and fine-tuning does both for every layer
+    each step."""
 
     @staticmethod
     def forward(ctx, table: torch.Tensor, index: torch.Tensor, uses=None) -> torch.Tensor:
@@ -83,14 +84,11 @@ class LookUp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (index,) = ctx.saved_tensors
-        width = grad.shape[-1]
-        rows = grad.reshape(-1, width)
-        if ctx.uses is not None:
-            dtype = torch.promote_types(ctx.uses.dtype, rows.dtype)
-            with torch.autocast(rows.device.type, enabled=False):  # no sparse bf16 product
-                return (ctx.uses.to(dtype) @ rows.to(dtype)).to(grad.dtype), None, None
-        table_grad = grad.new_zeros(ctx.rows, width)
-        return table_grad.index_add_(0, index.reshape(-1), rows), None, None
+        rows = grad.reshape(-1, grad.shape[-1])
+        uses = ctx.uses if ctx.uses is not None else codeword_uses(index.reshape(-1), ctx.rows)
+        dtype = torch.promote_types(uses.dtype, rows.dtype)
+        with torch.autocast(rows.device.type, enabled=False):  # no sparse bf16 product
+            return (uses.to(dtype) @ rows.to(dtype)).to(grad.dtype), None, None
 
 
 @register_format("codebook")
