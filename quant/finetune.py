@@ -15,6 +15,8 @@ A format takes part when it has `tunable()` (fp32 copies of its continuous tenso
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from quant.layers import QuantLinear
@@ -80,7 +82,7 @@ def finetune_block(block, inputs: BlockInputs, index: int, device,
     checked = range(0, len(inputs.hidden), CHECK_EVERY)
     before, _ = relative_error(block, inputs.subset(checked), index, device,
                                [targets[b] for b in checked])
-    tunables = Tunables(layers, norm_parameters(block), device)
+    tunables = Tunables(block, layers, device)
     steps = [(b, slice(start, start + config.sequences))
              for b, hidden in enumerate(inputs.hidden)
              for start in range(0, hidden.shape[0], config.sequences)]
@@ -102,14 +104,14 @@ def finetune_block(block, inputs: BlockInputs, index: int, device,
 
 
 class Tunables:
-    """The continuous parts of some QuantLinears and the norms that Adam tunes; the layers
-    keep their formats (and the norms their values) until `adam` installs new ones."""
+    """The continuous parts of the QuantLinears `layers` of `root` and its norms, which Adam
+    tunes; the layers keep their formats (and the norms their values) until `adam` installs
+    new ones."""
 
-    def __init__(self, layers: dict[str, QuantLinear], norms: list[torch.nn.Parameter],
-                 device):
-        self.layers, self.norms = layers, norms
+    def __init__(self, root: torch.nn.Module, layers: dict[str, QuantLinear], device):
+        self.root, self.layers, self.norms = root, layers, norm_parameters(root)
         self.formats = {name: layer.quantized_weight() for name, layer in layers.items()}
-        self.saved_norms = [p.detach().clone() for p in norms]
+        self.saved_norms = [p.detach().clone() for p in self.norms]
         self.on_device = {name: fmt.to(device) for name, fmt in self.formats.items()}
         self.parts = {name: {k: v.to(device).requires_grad_() for k, v in fmt.tunable().items()}
                       for name, fmt in self.formats.items()}
@@ -125,18 +127,13 @@ class Tunables:
         (a tqdm bar)."""
         params = [t for p in self.parts.values() for t in p.values()] + self.norms
         optimizer = torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.95))
-        for p in self.norms:
-            p.requires_grad_(True)
-        try:
+        with grads_only_for(self.root, self.norms):
             for step in (progress or iter)(range(config.steps)):
                 self.pin()
                 value = loss(step)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 optimizer.step()
-        finally:
-            for p in self.norms:
-                p.requires_grad_(False)
         for name, layer in self.layers.items():
             parts = {k: v.detach() for k, v in self.parts[name].items()}
             _install(layer, self.formats[name].with_tunable(parts))
@@ -148,6 +145,22 @@ class Tunables:
         with torch.no_grad():
             for p, old in zip(self.norms, self.saved_norms):
                 p.copy_(old)
+
+
+@contextlib.contextmanager
+def grads_only_for(root: torch.nn.Module, params: list[torch.nn.Parameter]):
+    """Inside, of `root`'s parameters only `params` require grad: backward then skips the
+    weight gradients nothing tunes (for a model, the tied embedding's [vocab, hidden]
+    product every step)."""
+    flags = {p: p.requires_grad for p in root.parameters()}
+    tuned = {id(p) for p in params}
+    try:
+        for p in flags:
+            p.requires_grad_(id(p) in tuned)
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 def _install(layer: QuantLinear, fmt) -> None:
@@ -174,7 +187,7 @@ def finetune_model(model, teacher, input_ids: torch.Tensor, config: FinetuneConf
         return None
     train, check = split_sequences(len(input_ids), seed)
     before = distillation_loss(model, teacher, input_ids[check], device)
-    tunables = Tunables(layers, norm_parameters(model), device)
+    tunables = Tunables(model, layers, device)
 
     def loss(step: int) -> torch.Tensor:
         start = step * config.sequences

@@ -86,6 +86,18 @@ def test_distillation_undoes_a_systematic_error_and_keeps_codes(untuned, tiny_di
         assert changed == tuned, name
 
 
+def test_distillation_computes_gradients_only_for_what_it_tunes(untuned, tiny_dir, ids):
+    """The embedding (tied to the output head) is not tuned: backward must not spend a
+    [vocab, hidden] product on it every step, and every flag is put back afterwards."""
+    model, teacher = quant.load(untuned), load_fp(tiny_dir, torch.float32)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    assert flags["model.embed_tokens.weight"]
+    finetune_model(model, teacher, ids, FinetuneConfig(steps=2, lr=1e-3), "cpu")
+    for name, p in model.named_parameters():
+        assert p.requires_grad == flags[name], name
+        assert (p.grad is not None) == ("norm" in name), name
+
+
 def test_distillation_that_hurts_is_undone(untuned, tiny_dir, ids):
     model, teacher = quant.load(untuned), load_fp(tiny_dir, torch.float32)
     start = copy.deepcopy(model.state_dict())
