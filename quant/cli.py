@@ -27,17 +27,24 @@ class _Parser(argparse.ArgumentParser):
 # ---- quantize ----------------------------------------------------------------------------
 
 def _method_fields():
-    """(name, type, default, help) of every option of every registered method, first wins."""
+    """(type, help) of every option of every registered method: the first method's type,
+    and the help texts of all methods that differ, joined (--bits means one thing to the
+    integer methods and another to aqlm)."""
     from quant.methods import METHODS
 
     fields = {}
     for cls in METHODS.values():
         hints = typing.get_type_hints(cls.Config)
         for f in dataclasses.fields(cls.Config):
-            if f.name not in fields:
-                kind = hints[f.name]
-                args = [a for a in typing.get_args(kind) if a is not type(None)]
-                fields[f.name] = (args[0] if args else kind, f.metadata.get("help", ""))
+            help_text = f.metadata.get("help", "")
+            if f.name in fields:
+                kind, known = fields[f.name]
+                if help_text and help_text not in known:
+                    fields[f.name] = (kind, f"{known}; {help_text}" if known else help_text)
+                continue
+            kind = hints[f.name]
+            args = [a for a in typing.get_args(kind) if a is not type(None)]
+            fields[f.name] = (args[0] if args else kind, help_text)
     return fields
 
 

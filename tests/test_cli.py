@@ -119,3 +119,18 @@ def test_eval_and_info(small_ckpt, tmp_path):
     text = run("info", str(small_ckpt)).stdout
     assert "model.layers.1.mlp.down_proj" in text and "bits per weight" in text
     assert_user_error(run("info", str(tmp_path)), "not a model directory")
+
+
+def test_help_of_a_shared_option_gives_every_method_s_meaning():
+    """--bits means bits per weight to rtn/gptq and code bits to aqlm: the help shows both."""
+    import dataclasses
+    import re
+
+    from quant.methods import METHODS
+    def squeeze(text):  # argparse wraps lines, even inside words
+        return re.sub(r"\s+", "", text)
+
+    text = squeeze(run("quantize", "--help").stdout)
+    for cls in METHODS.values():
+        bits = {f.name: f for f in dataclasses.fields(cls.Config)}["bits"]
+        assert squeeze(bits.metadata["help"]) in text, cls

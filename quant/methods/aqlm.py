@@ -82,7 +82,8 @@ def parse_codebooks(text: str) -> tuple[int, int]:
 @dataclass(frozen=True)
 class AQLMConfig:
     bits: int = field(default=2, metadata={
-        "help": "code bits per weight (aqlm: picks --codebooks/--in-group per layer)"})
+        "help": "aqlm: code bits per weight, 1 to 8 (default 2), from which each "
+                "layer's --codebooks/--in-group are chosen"})
     codebooks: str | None = field(default=None, metadata={
         "help": "aqlm: MxB, M codebooks of 2^B vectors (1x16, 2x8, 1x8...); default: "
                 "chosen per layer from --bits"})
