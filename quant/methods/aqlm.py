@@ -89,11 +89,11 @@ class AQLMConfig:
                 "chosen per layer from --bits"})
     in_group: int | None = field(default=None, metadata={
         "help": "aqlm: weights per code group (default: --codebooks M*B / --bits)"})
-    wide_layers: str = field(default="down_proj", metadata={
+    wide_layers: str = field(default="up_proj", metadata={
         "help": "aqlm: layers (a regex searched in their names) that --bits gives up to half "
                 "again the code bits, by the next smaller in-group (2x8 g6 for 2x8 g8); the "
-                "default, the MLP's down projection, holds the largest share of a 2-bit "
-                "model's error; '' for none"})
+                "default, the MLP's up projection, holds the largest share of a distilled "
+                "2-bit model's error; '' for none"})
     codebook_budget: float = field(default=0.25, metadata={
         "help": "aqlm: when choosing shapes, the largest codebook storage allowed as a "
                 "fraction of the layer's code storage"})
