@@ -75,14 +75,13 @@ def finetune_block(block, inputs: BlockInputs, index: int, device,
     on the check batches (every CHECK_EVERY-th), and the block's "outputs" for every batch.
     When tuning made the error worse (it minimises the error before rounding to the
     stored dtypes), everything is put back."""
-    layers = tunable_layers(block)
-    if not layers:
+    tunables = Tunables(block, device)
+    if not tunables.layers:
         before, outputs = relative_error(block, inputs, index, device, targets)
         return {"before": before, "after": before, "outputs": outputs}
     checked = range(0, len(inputs.hidden), CHECK_EVERY)
     before, _ = relative_error(block, inputs.subset(checked), index, device,
                                [targets[b] for b in checked])
-    tunables = Tunables(block, layers, device)
     steps = [(b, slice(start, start + config.sequences))
              for b, hidden in enumerate(inputs.hidden)
              for start in range(0, hidden.shape[0], config.sequences)]
@@ -104,13 +103,13 @@ def finetune_block(block, inputs: BlockInputs, index: int, device,
 
 
 class Tunables:
-    """The continuous parts of the QuantLinears `layers` of `root` and its norms, which Adam
-    tunes; the layers keep their formats (and the norms their values) until `adam` installs
-    new ones."""
+    """The continuous parts of the tunable QuantLinears of `root` (a block or the model)
+    and its norms, which Adam tunes; the layers keep their formats (and the norms their
+    values) until `adam` installs new ones."""
 
-    def __init__(self, root: torch.nn.Module, layers: dict[str, QuantLinear], device):
-        self.root, self.layers, self.norms = root, layers, norm_parameters(root)
-        self.formats = {name: layer.quantized_weight() for name, layer in layers.items()}
+    def __init__(self, root: torch.nn.Module, device):
+        self.root, self.layers, self.norms = root, tunable_layers(root), norm_parameters(root)
+        self.formats = {name: layer.quantized_weight() for name, layer in self.layers.items()}
         self.saved_norms = [p.detach().clone() for p in self.norms]
         self.on_device = {name: fmt.to(device) for name, fmt in self.formats.items()}
         self.parts = {name: {k: v.to(device).requires_grad_() for k, v in fmt.tunable().items()}
@@ -182,12 +181,11 @@ def finetune_model(model, teacher, input_ids: torch.Tensor, config: FinetuneConf
     calibration sequences each. Returns the mean KL per token on held-out check sequences
     "before" and "after" (the model is put back when it got worse), or None when the
     model has nothing to tune."""
-    layers = tunable_layers(model)
-    if not layers:
+    tunables = Tunables(model, device)
+    if not tunables.layers:
         return None
     train, check = split_sequences(len(input_ids), seed)
     before = distillation_loss(model, teacher, input_ids[check], device)
-    tunables = Tunables(model, layers, device)
 
     def loss(step: int) -> torch.Tensor:
         start = step * config.sequences
@@ -199,7 +197,7 @@ def finetune_model(model, teacher, input_ids: torch.Tensor, config: FinetuneConf
     if after > before:
         tunables.restore()
         after = before
-    for layer in layers.values():
+    for layer in tunables.layers.values():
         layer.pin_dense(None)
     return {"kl_before": before, "kl_after": after}
 

@@ -1,6 +1,8 @@
 """Bad input: one clear line on stderr, exit code 2, no traceback, nothing left behind."""
 
+import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from quant.data import CalibConfig
+from quant.methods import METHODS
 from quant.pipeline import QuantizeJob, quantize
 
 
@@ -123,10 +126,6 @@ def test_eval_and_info(small_ckpt, tmp_path):
 
 def test_help_of_a_shared_option_gives_every_method_s_meaning():
     """--bits means bits per weight to rtn/gptq and code bits to aqlm: the help shows both."""
-    import dataclasses
-    import re
-
-    from quant.methods import METHODS
     def squeeze(text):  # argparse wraps lines, even inside words
         return re.sub(r"\s+", "", text)
 

@@ -82,7 +82,8 @@ def quantize_groups(w: torch.Tensor, bits: int, group_size: int, sym: bool):
 class IntGridOptions:
     """The options every integer-grid method shares."""
 
-    bits: int = field(default=4, metadata={"help": "rtn, gptq: bits per weight: 2, 3, 4, 5, 6 or 8 (default 4)"})
+    bits: int = field(default=4, metadata={
+        "help": "rtn, gptq: bits per weight: 2, 3, 4, 5, 6 or 8 (default 4)"})
     group_size: int | None = field(default=None, metadata={
         "help": "input columns per scale/zero group; -1 = one group per output channel "
                 "(default: 128, or the largest power of two dividing the layer's input dim)"})
