@@ -13,8 +13,8 @@ import quant
 from quant import checkpoint
 from quant.data import CalibConfig, calibration_windows
 from quant import pipeline
-from quant.finetune import (CHECK_EVERY, FinetuneConfig, block_outputs, finetune_block,
-                            relative_error)
+from quant.finetune import (CHECK_EVERY, FinetuneConfig, Tunables, block_outputs,
+                            finetune_block, relative_error)
 from quant.formats.codebook_weight import CodebookWeight, reconstruct
 from quant.layers import QuantLinear
 from quant.methods import make_method
@@ -38,6 +38,25 @@ def test_tunable_parts_reproduce_the_format_and_round_to_storage():
     assert torch.equal(tuned.codes, fmt.codes)
     assert torch.equal(tuned.codebooks[:, :, 0].float(), parts["codebooks"].half().float())
     assert torch.equal(tuned.scales.view(-1).float(), parts["scales"].half().float())
+
+
+@pytest.mark.parametrize("steps", [10, 7])
+def test_adam_holds_its_learning_rate_then_decays_it_linearly_to_zero(steps):
+    # On a constant gradient Adam's bias-corrected step is exactly its learning rate, so a
+    # norm weight under loss = sum(weight) moves by the rate of each step.
+    root = torch.nn.Module()
+    root.norm = torch.nn.Parameter(torch.zeros(3))
+    seen = []
+
+    def loss(step):
+        seen.append(float(root.norm[0]))
+        return root.norm.sum()
+
+    Tunables(root, "cpu").adam(loss, FinetuneConfig(steps=steps, lr=0.1))
+    moves = -torch.diff(torch.tensor(seen + [float(root.norm[0])], dtype=torch.float64))
+    decay = round(0.3 * steps)  # the last 30% of the steps fall linearly to zero
+    expected = [0.1 * min(1.0, (steps - k) / decay) for k in range(steps)]
+    assert moves.tolist() == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("through", ["tunable", "reconstruct"])
