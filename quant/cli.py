@@ -53,6 +53,7 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("method options (defaults depend on the method)")
     for name, (kind, help_text) in _method_fields().items():
         flag = "--" + name.replace("_", "-")
+        help_text = help_text.replace("%", "%%")  # prose, not an argparse %(default)s template
         if kind is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                default=None, help=help_text)
