@@ -116,15 +116,15 @@ class AQLMConfig:
                 "block's outputs (codes frozen), two calibration sequences each; 0: off "
                 "(the default: --distill-steps gains more per second)"})
     finetune_lr: float = field(default=3e-3, metadata={
-        "help": "aqlm: peak learning rate of the block fine-tuning (it falls linearly to "
-                "zero over the last 30% of the steps)"})
+        "help": f"aqlm: peak learning rate of the block fine-tuning "
+                f"({FinetuneConfig.SCHEDULE})"})
     distill_steps: int = field(default=70, metadata={
         "help": "aqlm: Adam steps after every block is quantized, tuning all codebooks, "
                 "scales and norms so that the model's next-token distributions match the fp "
                 "model's (KL divergence), two calibration sequences each; 0: off"})
     distill_lr: float = field(default=2e-3, metadata={
-        "help": "aqlm: peak learning rate of the model distillation (it falls linearly to "
-                "zero over the last 30% of the steps)"})
+        "help": f"aqlm: peak learning rate of the model distillation "
+                f"({FinetuneConfig.SCHEDULE})"})
 
     def given_shape(self) -> Shape | None:
         """The shape --codebooks (and --in-group) fix, or None when --bits chooses."""

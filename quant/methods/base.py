@@ -26,8 +26,19 @@ class FinetuneConfig:
     block by block, or the whole model by distillation."""
 
     steps: int  # Adam steps, cycling through the calibration sequences
-    lr: float
+    lr: float  # the peak rate: held, then decayed over the last DECAY_FRACTION of the steps
     sequences: int = 2  # calibration sequences (windows) per step
+
+    # Ending on small steps matters: with a constant rate the demo model's distilled
+    # perplexity swung between 12.14 and 12.68 from one checkpoint to the next.
+    DECAY_FRACTION = 0.3
+    SCHEDULE = f"it falls linearly to zero over the last {DECAY_FRACTION:.0%} of the steps"
+
+    def lr_factor(self, step: int) -> float:
+        """The fraction of `lr` Adam's step `step` (0-based) uses: 1, then falling linearly
+        over the last DECAY_FRACTION of the steps to 1/decay_steps."""
+        decay_steps = max(1, round(self.DECAY_FRACTION * self.steps))
+        return min(1.0, (self.steps - step) / decay_steps)
 
     @classmethod
     def requested(cls, steps: int, lr: float) -> FinetuneConfig | None:
