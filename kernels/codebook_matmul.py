@@ -7,7 +7,7 @@
   is never materialised.
 - `codebook_dequant_matmul` (prefill): a kernel writes the dense W in the activation
   dtype, then one dense matmul (cuBLAS on a GPU).
-Accumulation is fp32. An in-group size g that is not a power of two (2x8 g6) runs in
+Accumulation is fp32. An in-group size g that is not a power of two (1x8 g3) runs in
 lanes of the next power of two, the extra ones masked.
 """
 

@@ -106,8 +106,8 @@ def export_aqlm(directory: Path, out: Path, overwrite: bool = False) -> Path:
     try:
         config = uniform_config(qc["modules"], "aqlm")
     except CheckpointError as exc:
-        raise CheckpointError(f"{exc}; quantize with one shape, e.g. --codebooks 2x8 "
-                              "--in-group 8") from None
+        raise CheckpointError(f"{exc}; quantize with one shape: --wide-layers '' (if --bits "
+                              "then picks one), or --codebooks 1x8 --in-group 4") from None
     if config["format"] != "codebook":
         raise CheckpointError(f"AQLM runtimes read codebook weights; this checkpoint has "
                               f"{config['format']} layers")

@@ -54,16 +54,21 @@ class Shape:
 
 
 def candidate_shapes(bits: int) -> list[Shape]:
-    """Codebook shapes storing exactly `bits` code bits per weight, best first: bigger
-    codebooks (1x16 is the paper's 2-bit), then in-groups near 8, then fewer codebooks."""
+    """Codebook shapes storing exactly `bits` code bits per weight, best first: 16-bit
+    codebooks (1x16 g8 is the paper's 2-bit) over in-groups near 8, then 8-bit ones,
+    fewest codebooks first. At equal code bits one 8-bit codebook over a smaller in-group
+    beats several over a larger one on every demo layer measured (1x8 g4 has 9-13% less
+    output error than 2x8 g8, 1x8 g2 than 2x8 g4 at 4 bits), in no more time and with a
+    quarter of the codebook storage."""
     shapes = [Shape(m, b, m * b // bits) for b in (16, 8) for m in range(1, 9)
               if (m * b) % bits == 0 and m * b // bits in (2, 4, 8, 16)]
-    return sorted(shapes, key=lambda s: (-s.nbits, abs(s.in_group - 8), s.num_codebooks))
+    return sorted(shapes, key=lambda s: (
+        -s.nbits, abs(s.in_group - 8) if s.nbits == 16 else s.num_codebooks))
 
 
 def wider_shape(shape: Shape, out_features: int, in_features: int) -> Shape | None:
     """The same codebooks over the next smaller in-group that divides the layer, when that
-    stores at most half again the code bits (2x8 g8 -> 2x8 g6: 2.67 bits), else None."""
+    stores at most half again the code bits (1x8 g4 -> 1x8 g3: 2.67 bits), else None."""
     for in_group in range(shape.in_group - 1, 0, -1):
         if in_features % in_group == 0:
             wide = Shape(shape.num_codebooks, shape.nbits, in_group)
@@ -89,11 +94,11 @@ class AQLMConfig:
                 "chosen per layer from --bits"})
     in_group: int | None = field(default=None, metadata={
         "help": "aqlm: weights per code group (default: --codebooks M*B / --bits)"})
-    wide_layers: str = field(default="up_proj", metadata={
+    wide_layers: str = field(default="up_proj|o_proj", metadata={
         "help": "aqlm: layers (a regex searched in their names) that --bits gives up to half "
-                "again the code bits, by the next smaller in-group (2x8 g6 for 2x8 g8); the "
-                "default, the MLP's up projection, holds the largest share of a distilled "
-                "2-bit model's error; '' for none"})
+                "again the code bits, by the next smaller in-group (1x8 g3 for 1x8 g4); the "
+                "default, the MLP's up and attention's output projections, gives the demo "
+                "model its lowest perplexity within 2.3 bits per weight; '' for none"})
     codebook_budget: float = field(default=0.25, metadata={
         "help": "aqlm: when choosing shapes, the largest codebook storage allowed as a "
                 "fraction of the layer's code storage"})

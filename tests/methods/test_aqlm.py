@@ -225,15 +225,15 @@ def test_aqlm_layer_beats_rtn_at_the_same_code_bits_and_is_deterministic():
 
 
 DEMO_SHAPES = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576),
-               "mlp.gate_proj": (1536, 576), "mlp.up_proj": (1536, 576),
-               "mlp.down_proj": (576, 1536)}
+               "self_attn.o_proj": (576, 576), "mlp.gate_proj": (1536, 576),
+               "mlp.up_proj": (1536, 576), "mlp.down_proj": (576, 1536)}
 
 
 def demo_bits_per_weight(method) -> float:
-    """Bits per weight of the demo's 30-block model (q and o, k and v share shapes),
-    codebooks and scales counted."""
-    per_block = {"self_attn.q_proj": 2, "self_attn.k_proj": 2, "mlp.gate_proj": 1,
-                 "mlp.up_proj": 1, "mlp.down_proj": 1}
+    """Bits per weight of the demo's 30-block model (k and v share a shape), codebooks
+    and scales counted."""
+    per_block = {"self_attn.q_proj": 1, "self_attn.k_proj": 2, "self_attn.o_proj": 1,
+                 "mlp.gate_proj": 1, "mlp.up_proj": 1, "mlp.down_proj": 1}
     bits = weights = 0
     for name, count in per_block.items():
         out_features, in_features = DEMO_SHAPES[name]
@@ -247,20 +247,23 @@ def test_bits_choose_a_shape_per_layer_within_the_codebook_budget():
     method = make_method("aqlm", bits=2, wide_layers="")
     chosen = {name: str(method.choose_shape(*shape, name)[0])
               for name, shape in DEMO_SHAPES.items()}
-    assert chosen == {"self_attn.q_proj": "2x8 g8", "self_attn.k_proj": "1x8 g4",
-                      "mlp.gate_proj": "2x8 g8", "mlp.up_proj": "2x8 g8",
-                      "mlp.down_proj": "2x8 g8"}
+    # 1x16's codebook is too large for the demo's layers: one 8-bit codebook over 4
+    # weights everywhere (one uniform shape, so the checkpoint exports to aqlm)
+    assert set(chosen.values()) == {"1x8 g4"}
     assert str(method.choose_shape(4096, 4096)[0]) == "1x16 g8"  # 7B: the paper's 2-bit
     assert str(method.choose_shape(4096, 11008)[0]) == "1x16 g8"
     assert 2.0 < demo_bits_per_weight(method) <= 2.15
 
 
 def test_wide_layers_get_the_next_smaller_in_group_within_half_again_the_bits():
-    method = make_method("aqlm", bits=2)  # default: the up projections are wide
-    shape, why = method.choose_shape(1536, 576, "model.layers.3.mlp.up_proj")
-    assert str(shape) == "2x8 g6" and "widened" in why
-    assert str(method.choose_shape(1536, 576, "model.layers.3.mlp.gate_proj")[0]) == "2x8 g8"
-    assert str(method.choose_shape(576, 1536, "model.layers.3.mlp.down_proj")[0]) == "2x8 g8"
+    method = make_method("aqlm", bits=2)  # default: the up and output projections are wide
+    for name, (out_features, in_features) in {"mlp.up_proj": (1536, 576),
+                                              "self_attn.o_proj": (576, 576)}.items():
+        shape, why = method.choose_shape(out_features, in_features, f"model.layers.3.{name}")
+        assert str(shape) == "1x8 g3" and "widened" in why
+    assert str(method.choose_shape(576, 576, "model.layers.3.self_attn.q_proj")[0]) == "1x8 g4"
+    assert str(method.choose_shape(1536, 576, "model.layers.3.mlp.gate_proj")[0]) == "1x8 g4"
+    assert str(method.choose_shape(576, 1536, "model.layers.3.mlp.down_proj")[0]) == "1x8 g4"
     # the default stays within the issue's 2.3 bits per weight on the demo model
     assert 2.2 < demo_bits_per_weight(method) <= 2.3
     # 7B's down_proj (in 11008 = 2^8 * 43): no in-group in [6, 8) divides it; g4 would
