@@ -49,11 +49,11 @@ def test_adam_holds_its_learning_rate_then_decays_it_linearly_to_zero(steps):
     seen = []
 
     def loss(step):
-        seen.append(float(root.norm[0]))
+        seen.append(float(root.norm[0].detach()))
         return root.norm.sum()
 
     Tunables(root, "cpu").adam(loss, FinetuneConfig(steps=steps, lr=0.1))
-    moves = -torch.diff(torch.tensor(seen + [float(root.norm[0])], dtype=torch.float64))
+    moves = -torch.diff(torch.tensor(seen + [float(root.norm[0].detach())], dtype=torch.float64))
     decay = round(0.3 * steps)  # the last 30% of the steps fall linearly to zero
     expected = [0.1 * min(1.0, (steps - k) / decay) for k in range(steps)]
     assert moves.tolist() == pytest.approx(expected, rel=1e-5)
