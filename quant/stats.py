@@ -84,9 +84,17 @@ def collect_hessians(block, groups: list[list[str]], inputs: BlockInputs, index:
     return hessians
 
 
-def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
-    """||(W_hat - W) X||^2 / ||W X||^2 on the inputs X behind H (= 2/n X X^T)."""
-    W, delta = W.to(H.dtype), W_hat.to(H.dtype) - W.to(H.dtype)
+def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor,
+                          energy: torch.Tensor | None = None) -> float:
+    """||(W_hat - W) X||^2 / ||W X||^2 on the inputs X behind H (= 2/n X X^T); `energy`:
+    the denominator, when a caller comparing many W_hat has it (`output_energy`)."""
+    delta = W_hat.to(H.dtype) - W.to(H.dtype)
     num = ((delta @ H) * delta).sum()
-    den = ((W @ H) * W).sum()
+    den = output_energy(W, H) if energy is None else energy
     return float(num / den.clamp_min(1e-30))
+
+
+def output_energy(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """||W X||^2 (up to H's factor 2/n)."""
+    W = W.to(H.dtype)
+    return ((W @ H) * W).sum()

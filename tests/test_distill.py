@@ -10,8 +10,9 @@ import torch
 
 import quant
 from quant.data import CalibConfig, calibration_windows
-from quant.finetune import (FinetuneConfig, distillation_loss, finetune_model, split_sequences,
-                            tunable_layers)
+from quant import finetune
+from quant.finetune import (FinetuneConfig, TeacherKL, distillation_loss, finetune_model,
+                            split_sequences, tunable_layers)
 from quant.models import load_fp
 from quant.pipeline import QuantizeJob, quantize
 
@@ -65,6 +66,26 @@ def test_distillation_loss_is_the_mean_kl_per_token(untuned, tiny_dir, ids):
     assert distillation_loss(model, teacher, ids[:3], "cpu") == \
         pytest.approx(kl_float64(model, teacher, ids[:3]), rel=1e-4)
     assert distillation_loss(teacher, teacher, ids[:3], "cpu") == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("chunk_rows", [3, 64])  # uneven chunks; one chunk
+def test_teacher_kl_value_and_gradient_match_float64(monkeypatch, chunk_rows):
+    monkeypatch.setattr(finetune, "KL_CHUNK_ENTRIES", chunk_rows * 500)
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 37, 500, dtype=torch.float64) * 4
+    reference = student.clone().requires_grad_()
+    log_p, log_q = torch.log_softmax(teacher, -1), torch.log_softmax(reference, -1)
+    expected = (log_p.exp() * (log_p - log_q)).sum(1).mean()
+    expected.backward()
+
+    ours = student.float().requires_grad_()
+    value = TeacherKL.apply(ours, teacher.float())
+    (3 * value).backward()
+    assert value.dtype == torch.float32
+    assert float(value.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    torch.testing.assert_close(ours.grad.double(), 3 * reference.grad, rtol=1e-4, atol=1e-9)
+    with torch.no_grad():  # evaluation forms no gradient
+        assert float(TeacherKL.apply(student.float(), teacher.float())) == float(value.detach())
 
 
 def test_distillation_undoes_a_systematic_error_and_keeps_codes(untuned, tiny_dir, ids):

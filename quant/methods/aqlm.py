@@ -21,7 +21,7 @@ from quant.formats import stored_bits
 from quant.formats.codebook_weight import CodebookWeight, check_codebook_config, codebook_config
 from quant.methods import codebooks as cb
 from quant.methods.base import FinetuneConfig, register_method
-from quant.stats import relative_output_error
+from quant.stats import output_energy, relative_output_error
 
 
 @dataclass(frozen=True)
@@ -253,13 +253,18 @@ def quantize_layer(W: torch.Tensor, H: torch.Tensor, shape: Shape, config: AQLMC
                                       shape.nbits, config.kmeans_iters, generator)
     codes = codes.view(out_features, in_features // g, shape.num_codebooks)
     scales = cb.solve_scales(W, H, codes, books)
-    loss, epochs = relative_output_error(W, cb.reconstruct(codes, books, scales), H), 0
+    energy = output_energy(W, H)
+
+    def error(codes, books, scales) -> float:
+        return relative_output_error(W, cb.reconstruct(codes, books, scales), H, energy)
+
+    loss, epochs = error(codes, books, scales), 0
     for epochs in range(1, config.max_epochs + 1):
         codes = cb.update_codes(W, H, codes, books, scales, beam=config.beam)
         books = cb.solve_codebooks(W, H, codes, books, scales, iters=config.cg_iters)
         books = books.half().float()  # what is stored; the scales then absorb the rounding
         scales = cb.solve_scales(W, H, codes, books).half().float()
-        new = relative_output_error(W, cb.reconstruct(codes, books, scales), H)
+        new = error(codes, books, scales)
         improved, loss = loss - new, new
         if improved < config.tol * loss:
             break
