@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import os
 import statistics
 import sys
@@ -37,8 +38,9 @@ def parse_args(argv):
     p.add_argument("--tune", action="store_true", help="sweep tile configs, store the best")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU wiring check: shapes divided by 64, Triton interpreter, wall clock")
-    p.add_argument("--codebooks", nargs="*", default=["1x16g8", "2x8g8"],
-                   help="AQLM shapes MxBgG to bench (writes <device>-codebook.json); none: skip")
+    p.add_argument("--codebooks", nargs="*", default=["1x16g8", "2x8g8", "1x8g4", "1x8g3"],
+                   help="AQLM shapes MxBgG to bench (writes <device>-codebook.json); none: "
+                        "skip. Default: the paper's two and the demo's --bits 2 choices")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     return p.parse_args(argv)
 
@@ -169,13 +171,26 @@ def random_codebook_weight(n, k, m, nbits, g, device):
     return CodebookWeight.from_parts(codes, books, torch.rand(n, generator=gen) + 0.5).to(device)
 
 
+def parse_codebook_shape(shape: str) -> tuple[int, int, int]:
+    """'1x16g8' -> (1, 16, 8)."""
+    m, nbits, g = (int(v) for v in shape.replace("x", " ").replace("g", " ").split())
+    return m, nbits, g
+
+
+def codebook_width(k: int, shape: str) -> int:
+    """The input width benched for a layer of width k: the nearest below that both 16 and
+    the in-group divide (an in-group of 3 does not divide 4096: 4080 stands in)."""
+    step = math.lcm(16, parse_codebook_shape(shape)[2])
+    return max(step, k // step * step)
+
+
 def bench_codebook_case(shape: str, n, k, rows, device, timer) -> dict:
     import torch
 
     from quant.kernels import tuning
     from quant.kernels.codebook_matmul import codebook_dequant_matmul, codebook_gemv
 
-    m, nbits, g = (int(v) for v in shape.replace("x", " ").replace("g", " ").split())
+    m, nbits, g = parse_codebook_shape(shape)
     weight = random_codebook_weight(n, k, m, nbits, g, device)
     x = torch.randn(rows, k, device=device, dtype=torch.float16)
     case = measure(weight, x, timer)
@@ -268,7 +283,8 @@ def main(argv=None) -> int:
         print(f"tuned configs: {store_tuned(result, device_name)}", file=sys.stderr)
     print(stem.with_suffix(".md").read_text())
     if args.codebooks:
-        codebook_cases = [bench_codebook_case(shape, n, max(16, k // 16 * 16), rows, device, timer)
+        codebook_cases = [bench_codebook_case(shape, n, codebook_width(k, shape), rows, device,
+                                              timer)
                           for shape, (n, k), rows in itertools.product(args.codebooks, shapes,
                                                                         args.batches)]
         stem = args.out / f"{gpu_slug(device_name)}-codebook"

@@ -35,10 +35,19 @@ def test_bench_kernels_dry_run(tmp_path):
     table = (tmp_path / "cpu_dry_run-int.md").read_text()
     assert table.count("\n| ") == 1 + 20 and "DRY RUN" in table
     codebook = json.loads((tmp_path / "cpu_dry_run-codebook.json").read_text())
-    assert len(codebook["cases"]) == 2 * 5 * 2  # 1x16g8 and 2x8g8, 5 shapes, 2 batches
+    assert len(codebook["cases"]) == 4 * 5 * 2  # 4 default shapes, 5 layer shapes, 2 batches
     for case in codebook["cases"]:
         assert case["rel_err_vs_reference"] < 1e-2 and case["ms"] > 0
         assert case["impl"] == ("fused" if case["rows"] <= 16 else "dequant")
+        assert case["k"] % (3 if case["codebooks"] == "1x8g3" else 16) == 0
+
+
+def test_codebook_bench_width_fits_the_in_group():
+    bench = load_script("bench_kernels")
+    assert bench.codebook_width(4096, "1x16g8") == 4096
+    assert bench.codebook_width(4096, "1x8g3") == 4080  # 4096 is no multiple of 3
+    assert bench.codebook_width(11008, "1x8g3") == 10992
+    assert bench.codebook_width(20, "1x8g3") == 48  # never below one step
 
 
 def test_tuned_configs_round_trip(tmp_path, monkeypatch):

@@ -44,6 +44,7 @@ def test_tuned_configs_are_data(tmp_path):
     assert tuning.load_tuned(tmp_path / "missing.json") == {}
 
 
+@pytest.mark.demo
 def test_demo_checkpoint_triton_path_matches_torch_path(demo_rtn_dir, demo_tokenizer, monkeypatch):
     model = quant.load(demo_rtn_dir)
     ids = demo_tokenizer("The capital of France is", return_tensors="pt").input_ids
