@@ -208,7 +208,8 @@ class AQLM:
         if c.wide_layers and re.search(c.wide_layers, name):
             wide = wider_shape(shape, out_features, in_features)
             if wide is None:
-                return shape, why + "; no wider in-group divides the layer (--wide-layers)"
+                return shape, why + ("; --wide-layers: no in-group within half again the "
+                                     "code bits divides the layer")
             return wide, f"{shape} widened (--wide-layers)"
         return shape, why
 

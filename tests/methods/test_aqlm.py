@@ -263,11 +263,13 @@ def test_wide_layers_get_the_next_smaller_in_group_within_half_again_the_bits():
             == "1x8 g4"
     # the default stays within the 2.3 bits per weight on the demo model
     assert 2.2 < demo_bits_per_weight(method) <= 2.3
-    # 7B's down_proj (in 11008 = 2^8 * 43): no in-group in [6, 8) divides it; g4 would
-    # double the code bits, so the layer keeps 1x16 g8 and says why
-    shape, why = make_method("aqlm", bits=2, wide_layers="down_proj").choose_shape(
-        4096, 11008, "mlp.down_proj")
-    assert str(shape) == "1x16 g8" and "no wider" in why
+    # 7B (in 4096 = 2^12, 11008 = 2^8 * 43): no in-group in [6, 8) divides a layer; g4
+    # would double the code bits, so every layer keeps 1x16 g8 and says why
+    for out_features, in_features, name in [(4096, 11008, "mlp.down_proj"),
+                                            (4096, 4096, "self_attn.o_proj")]:
+        shape, why = make_method("aqlm", bits=2, wide_layers=".").choose_shape(
+            out_features, in_features, name)
+        assert str(shape) == "1x16 g8" and "no in-group within half again" in why
     assert str(wider_shape(Shape(1, 8, 4), 192, 576)) == "1x8 g3"  # 2.67 bits <= 3
     assert wider_shape(Shape(2, 8, 8), 576, 1000) is None  # 1000 = 8 * 125: g5 is 3.2 bits
     with pytest.raises(ConfigError, match="not a regex"):
