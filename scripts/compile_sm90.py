@@ -61,7 +61,8 @@ def codebook_variants(dtypes):
     from quant.kernels.codebook_matmul import (_codebook_dequant_kernel, _codebook_gemv_kernel,
                                                shape_constexprs)
 
-    shapes = [(1, 16, 8), (2, 8, 8), (1, 8, 4), (4, 8, 16), (2, 8, 6)]  # (M, B, g)
+    # (M, B, g): the paper's, --bits 2's on the demo (g4, wide g3), others
+    shapes = [(1, 16, 8), (2, 8, 8), (1, 8, 4), (1, 8, 3), (4, 8, 16), (2, 8, 6)]
     for (m, nbits, g), dname in itertools.product(shapes, dtypes):
         codes = "*i8" if nbits <= 8 else "*i16"
         for regime, kernel in (("gemv", _codebook_gemv_kernel), ("gemm", _codebook_dequant_kernel)):
