@@ -3,15 +3,14 @@
 #
 # Here, where pip reaches the package registry (once per machine):
 #     scripts/gpu_suite.sh prepare [PYTHON_VERSION]      # default 3.12
-#   fills .gpu/ (git-ignored, ~15 MB): wheels of the packages lowbit needs that a stock
+#   fills .gpu/ (git-ignored, ~20 MB): wheels of the packages lowbit needs that a stock
 #   PyTorch image lacks, at the versions installed here, and an asset cache holding the
 #   demo tokenizer and the wiki-demo text (no model weights).
 # There, in the repository root, with .gpu/ copied along:
 #     scripts/gpu_suite.sh STAGE OUTDIR
 #   tests     the tests that need no demo weights, on CUDA (kernels compiled, not
 #             interpreted), and the sm_90 compile check
-#   kernels   scripts/bench_kernels.py: int and codebook (1x16 g8, 2x8 g8, 1x8 g4, 1x8 g3)
-#             rows against fp16
+#   kernels   scripts/bench_kernels.py: its int and codebook rows against fp16
 #   quantize  scripts/bench_quantize.py on random Llama-7B-shaped blocks: GPTQ 4-bit g128
 #             (two blocks), AQLM 1x16 g8 (one block, then distillation)
 # DRY_RUN=1 runs a stage's wiring on a CPU (interpreted kernels, tiny shapes; after
@@ -86,8 +85,7 @@ case $stage in
         step compile_sm90.log python3 scripts/compile_sm90.py --json
         ;;
     kernels)
-        step kernels.log python3 scripts/bench_kernels.py "${dry[@]}" \
-            --codebooks 1x16g8 2x8g8 1x8g4 1x8g3 --out "$out"
+        step kernels.log python3 scripts/bench_kernels.py "${dry[@]}" --out "$out"
         ;;
     quantize)
         # group size: the default, 128 on 7B layers
