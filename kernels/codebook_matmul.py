@@ -1,14 +1,19 @@
-"""y = x @ W^T for a `CodebookWeight` W (AQLM), two ways:
+"""y = x @ W^T for a `CodebookWeight` W (AQLM), three ways:
 
-- `codebook_gemv` (decode, a few rows): each program owns BLOCK_N output rows of one
-  activation row and walks the input in BLOCK_J code groups, gathering each code's
-  codeword straight from the codebook (Kx8 codebooks stay in L1/shared memory, a 1x16
-  codebook's 1 MiB in L2) and reducing it against the matching slice of x: the weight
-  is never materialised.
+- `codebook_gemv` (one activation row): each program owns BLOCK_N output rows of one
+  activation row and walks its slice of the input in BLOCK_J code groups, gathering each
+  code's codeword straight from the codebook (Kx8 codebooks stay in L1/shared memory, a
+  1x16 codebook's 1 MiB in L2) and reducing it against the matching slice of x: the
+  weight is never materialised.
+- `codebook_matmul` (a few rows): the same gather builds a [BLOCK_N, BLOCK_J * g] tile
+  of W in registers once, and a tensor-core `tl.dot` applies it to BLOCK_M rows, so a
+  batch of 16 costs about one row's codebook reads instead of 16.
 - `codebook_dequant_matmul` (prefill): a kernel writes the dense W in the activation
   dtype, then one dense matmul (cuBLAS on a GPU).
-Accumulation is fp32. An in-group size g that is not a power of two (1x8 g3) runs in
-lanes of the next power of two, the extra ones masked.
+Accumulation is fp32. The two gathering kernels can split the code groups into SPLIT_J
+slices (fp32 partial sums, added by the launcher) so that small layers fill the GPU. An
+in-group size g that is not a power of two (1x8 g3) runs in lanes of the next power of
+two, the extra ones masked.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import triton
 import triton.language as tl
 
 from quant.kernels import buffers
-from quant.kernels.tuning import CodebookTile
+from quant.kernels.int_matmul import dot_dtype
+from quant.kernels.tuning import CodebookTile, resolve_split_j
 
 
 @triton.jit
@@ -37,17 +43,26 @@ def _codebook_vectors(codes_ptr, books_ptr, rn, rj, N, J, m,
 
 
 @triton.jit
+def _split_range(J, BLOCK_J: tl.constexpr, SPLIT_J: tl.constexpr):
+    """[begin, end) of this program's code groups (axis 2), in whole BLOCK_J steps."""
+    per_split = tl.cdiv(tl.cdiv(J, BLOCK_J), SPLIT_J) * BLOCK_J
+    begin = tl.program_id(2) * per_split
+    return begin, min(begin + per_split, J)
+
+
+@triton.jit
 def _codebook_gemv_kernel(
     x_ptr, codes_ptr, books_ptr, scales_ptr, out_ptr,
-    M, N, J, stride_xm, stride_om,
+    M, N, J, stride_xm, stride_om, stride_split,
     NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_J: tl.constexpr,
 ):
     pid_n, row = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                            # [BN]
     rg = tl.arange(0, G_PAD)
+    j_begin, j_end = _split_range(J, BLOCK_J, SPLIT_J)
     acc = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.float32)
-    for j_start in range(0, J, BLOCK_J):
+    for j_start in range(j_begin, j_end, BLOCK_J):
         rj = j_start + tl.arange(0, BLOCK_J)                                # [BJ]
         x = tl.load(x_ptr + row * stride_xm + rj[:, None] * G + rg[None, :],
                     mask=(rj[:, None] < J) & (rg[None, :] < G),
@@ -58,7 +73,46 @@ def _codebook_gemv_kernel(
             acc += tl.sum(vectors * x[None, :, :], axis=2)
     scale = tl.load(scales_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=1) * scale
-    tl.store(out_ptr + row * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=rn < N)
+    out = out_ptr + tl.program_id(2) * stride_split + row * stride_om + rn
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
+def _codebook_matmul_kernel(
+    x_ptr, codes_ptr, books_ptr, scales_ptr, out_ptr,
+    M, N, J, stride_xm, stride_om, stride_split,
+    NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    SPLIT_J: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)                # [BN]
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)                # [BM]
+    lanes = tl.arange(0, BLOCK_J * G_PAD)             # the tile's input columns, G_PAD per group
+    j_begin, j_end = _split_range(J, BLOCK_J, SPLIT_J)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for j_start in range(j_begin, j_end, BLOCK_J):
+        rj = j_start + tl.arange(0, BLOCK_J)                                # [BJ]
+        lane_j, lane_g = j_start + lanes // G_PAD, lanes % G_PAD
+        if G == G_PAD:  # contiguous columns: lets the compiler vectorise the load
+            cols = j_start * G + lanes
+        else:
+            cols = lane_j * G + lane_g
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :],
+                    mask=(rm[:, None] < M) & (lane_j[None, :] < J) & (lane_g[None, :] < G),
+                    other=0.0)                                              # [BM, BJ*G_PAD]
+        w = tl.zeros([BLOCK_N, BLOCK_J, G_PAD], dtype=tl.float32)
+        for m in tl.static_range(NUM_CODEBOOKS):
+            w += _codebook_vectors(codes_ptr, books_ptr, rn, rj, N, J, m,
+                                   NUM_CODEBOOKS, NBITS, G, G_PAD)
+        w = tl.reshape(w, [BLOCK_N, BLOCK_J * G_PAD])
+        if DOT_DTYPE == tl.float32:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)))
+    scale = tl.load(scales_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    out = out_ptr + tl.program_id(2) * stride_split + rm[:, None] * stride_om + rn[None, :]
+    tl.store(out, (acc * scale[None, :]).to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.jit
@@ -93,18 +147,48 @@ def _check(x: torch.Tensor, weight) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.contiguous()
 
 
+def _partial_sums(x: torch.Tensor, n: int, split: int) -> torch.Tensor:
+    """The output buffer [split, M, N]: fp32 when slices are added afterwards."""
+    dtype = torch.float32 if split > 1 else buffers.store_dtype(x.dtype)
+    return buffers.alloc((split, x.shape[0], n), dtype, x.device)
+
+
+def _finish(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (out[0] if out.shape[0] == 1 else out.sum(0)).to(dtype)
+
+
 def codebook_gemv(x: torch.Tensor, weight, config: CodebookTile) -> torch.Tensor:
-    """[M, K] activations (M small) times the CodebookWeight's W^T -> [M, N] in x.dtype."""
+    """[M, K] activations (M small, best 1) times the CodebookWeight's W^T -> [M, N] in
+    x.dtype; each activation row gathers the codewords again."""
     x = _check(x, weight)
     M, N = x.shape[0], weight.out_features
     J = weight.in_features // weight.in_group_size
-    out = buffers.alloc((M, N), buffers.store_dtype(x.dtype), x.device)
-    grid = (triton.cdiv(N, config.block_n), M)
+    config = resolve_split_j(config, M, N, J, x.device)
+    out = _partial_sums(x, N, config.split_j)
+    grid = (triton.cdiv(N, config.block_n), M, config.split_j)
     _codebook_gemv_kernel[grid](
-        x, weight.codes, weight.codebooks, weight.scales, out, M, N, J, x.stride(0), N,
+        x, weight.codes, weight.codebooks, weight.scales, out, M, N, J, x.stride(0), N, M * N,
         **shape_constexprs(weight.num_codebooks, weight.nbits, weight.in_group_size),
-        BLOCK_N=config.block_n, BLOCK_J=config.block_j, num_warps=config.num_warps)
-    return out.to(x.dtype)
+        BLOCK_N=config.block_n, BLOCK_J=config.block_j, SPLIT_J=config.split_j,
+        num_warps=config.num_warps)
+    return _finish(out, x.dtype)
+
+
+def codebook_matmul(x: torch.Tensor, weight, config: CodebookTile) -> torch.Tensor:
+    """[M, K] activations (a few rows) times the CodebookWeight's W^T -> [M, N] in x.dtype,
+    on tensor cores, gathering each codeword once per BLOCK_M rows."""
+    x = _check(x, weight)
+    M, N = x.shape[0], weight.out_features
+    J = weight.in_features // weight.in_group_size
+    config = resolve_split_j(config, triton.cdiv(M, config.block_m), N, J, x.device)
+    out = _partial_sums(x, N, config.split_j)
+    grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, config.block_m), config.split_j)
+    _codebook_matmul_kernel[grid](
+        x, weight.codes, weight.codebooks, weight.scales, out, M, N, J, x.stride(0), N, M * N,
+        **shape_constexprs(weight.num_codebooks, weight.nbits, weight.in_group_size),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_J=config.block_j,
+        SPLIT_J=config.split_j, DOT_DTYPE=dot_dtype(x.dtype), num_warps=config.num_warps)
+    return _finish(out, x.dtype)
 
 
 def codebook_dequant(weight, dtype: torch.dtype, config: CodebookTile) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """Dispatch of quantized linear layers (DESIGN.md §4): an explicit preference
-(`auto | torch | triton`) and a table (format, regime) -> implementation, where the
-regime is GEMV for few rows and GEMM otherwise, and the tuned data picks among the
-implementations of a regime.
+(`auto | torch | triton`) and a table format -> implementations; `tuning` picks one per
+call from the number of rows (and tuned data where there is some).
 
 `auto` runs Triton on CUDA tensors and the torch reference elsewhere; `triton` on CPU
 runs the kernels under the Triton interpreter (TRITON_INTERPRET=1, set before import).
@@ -21,20 +20,26 @@ PREFERENCES = ("auto", "torch", "triton")
 
 @functools.cache
 def _triton_table() -> dict:
-    from quant.kernels.codebook_matmul import codebook_dequant_matmul, codebook_gemv
+    """{format: {implementation name: callable(x2d, weight, config)}}."""
+    from quant.kernels.codebook_matmul import (codebook_dequant_matmul, codebook_gemv,
+                                               codebook_matmul)
     from quant.kernels.int_dequant import dequant_matmul
     from quant.kernels.int_matmul import int_matmul
 
     return {
-        ("int", "gemv"): {"fused": int_matmul},
-        ("int", "gemm"): {"fused": int_matmul, "dequant": dequant_matmul},
-        ("codebook", "gemv"): {"fused": codebook_gemv},
-        ("codebook", "gemm"): {"dequant": codebook_dequant_matmul},
+        "int": {"fused": int_matmul, "dequant": dequant_matmul},
+        "codebook": {"gemv": codebook_gemv, "fused": codebook_matmul,
+                     "dequant": codebook_dequant_matmul},
     }
 
 
+def implementations(fmt: str) -> dict:
+    """{name: callable(x2d, weight, config)}: the Triton implementations of a format."""
+    return _triton_table()[fmt]
+
+
 def _has_kernels(weight) -> bool:
-    return any(key[0] == weight.format_name for key in _triton_table())
+    return weight.format_name in _triton_table()
 
 
 def _choose(weight, x: torch.Tensor, rows: int):
@@ -70,7 +75,7 @@ def select(weight, x: torch.Tensor, preference: str = "auto"):
         raise ConfigError("the Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set "
                           "before importing quant to run them on the CPU")
     name, config = _choose(weight, x, rows)
-    return name, _triton_table()[(fmt, tuning.regime(rows))][name], config
+    return name, _triton_table()[fmt][name], config
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,

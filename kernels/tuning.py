@@ -40,17 +40,27 @@ DEQUANT_TILE = TileConfig(1, 128, 64, num_warps=4, num_stages=1)
 
 @dataclass(frozen=True)
 class CodebookTile:
-    """Codebook kernels: BLOCK_N output rows x BLOCK_J code groups per program step."""
+    """Codebook kernels: BLOCK_N output rows x BLOCK_J code groups per program step, and
+    for the tensor-core kernel BLOCK_M activation rows; SPLIT_J slices of the code groups
+    (0: enough slices to fill the GPU)."""
 
     block_n: int
     block_j: int
     num_warps: int = 4
+    block_m: int = 16
+    split_j: int = 1
 
 
-CODEBOOK_DEFAULTS = {  # untuned (no GPU measurement yet)
-    "gemv": ("fused", CodebookTile(64, 16)),
-    "gemm": ("dequant", CodebookTile(32, 16)),
+# Untuned (no GPU measurement yet), by implementation. One activation row: the reduction
+# GEMV, split so that a 4096-row layer still gives every SM work. A few rows: the
+# tensor-core kernel, which gathers each codeword once for all rows. Many rows: dequantize
+# once, then cuBLAS.
+CODEBOOK_DEFAULTS = {
+    "gemv": CodebookTile(64, 16, split_j=0),
+    "fused": CodebookTile(64, 16, split_j=0),
+    "dequant": CodebookTile(32, 16),
 }
+CODEBOOK_FUSED_MAX_ROWS = 64
 
 
 def interpreting() -> bool:
@@ -101,14 +111,29 @@ def choose(device: torch.device, bits: int, n: int, k: int, group_size: int,
     return impl, fit_block_k(config, group_size)
 
 
+def codebook_impl(rows: int) -> str:
+    """The default codebook implementation for `rows` activation rows."""
+    if rows == 1:
+        return "gemv"
+    return "fused" if rows <= CODEBOOK_FUSED_MAX_ROWS else "dequant"
+
+
+def codebook_tile(impl: str, device: torch.device, n: int, groups: int,
+                  rows: int) -> CodebookTile:
+    """The default tile of codebook implementation `impl` for `rows` rows against a weight
+    of N rows and `groups` code groups per row."""
+    tile = CODEBOOK_DEFAULTS[impl]
+    if device.type != "cuda":  # the interpreter: few, wide program steps
+        tile = CodebookTile(min(256, triton_next_pow2(n)), min(64, triton_next_pow2(groups)))
+    return dataclasses.replace(tile, block_m=16 if rows <= 16 else 64)
+
+
 def choose_codebook(device: torch.device, n: int, groups: int,
                     rows: int) -> tuple[str, CodebookTile]:
     """(implementation, tile) for `rows` rows against a codebook weight of N rows and
     `groups` code groups per row."""
-    impl, tile = CODEBOOK_DEFAULTS[regime(rows)]
-    if device.type != "cuda":  # the interpreter: few, wide program steps
-        tile = CodebookTile(min(256, triton_next_pow2(n)), min(64, triton_next_pow2(groups)))
-    return impl, tile
+    impl = codebook_impl(rows)
+    return impl, codebook_tile(impl, device, n, groups, rows)
 
 
 def fit_block_k(config: TileConfig, group_size: int) -> TileConfig:
@@ -128,14 +153,30 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def split_count(tiles: int, blocks: int, device: torch.device) -> int:
+    """Slices of a reduction of `blocks` steps so that `tiles` output tiles x slices cover
+    ~2 waves of SMs, keeping at least two steps per slice."""
+    programs = 2 * (sm_count(device.index or 0) if device.type == "cuda" else 64)
+    split = 1
+    while tiles * split < programs and split * 2 <= blocks // 2:
+        split *= 2
+    return split
+
+
 def resolve_split_k(config: TileConfig, m: int, n: int, k: int, device: torch.device) -> TileConfig:
-    """Fill in split_k=0: enough K-slices that tiles x slices covers ~2 waves of SMs."""
+    """Fill in split_k=0 (see `split_count`)."""
     if config.split_k:
         return config
     tiles = -(-m // config.block_m) * -(-n // config.block_n)
-    programs = 2 * (sm_count(device.index or 0) if device.type == "cuda" else 64)
-    k_blocks = -(-k // config.block_k)
-    split = 1
-    while tiles * split < programs and split * 2 <= k_blocks // 2:
-        split *= 2
-    return dataclasses.replace(config, split_k=split)
+    return dataclasses.replace(
+        config, split_k=split_count(tiles, -(-k // config.block_k), device))
+
+
+def resolve_split_j(tile: CodebookTile, m_tiles: int, n: int, groups: int,
+                    device: torch.device) -> CodebookTile:
+    """Fill in split_j=0 for `m_tiles` row tiles (activation rows, or row blocks)."""
+    if tile.split_j:
+        return tile
+    tiles = m_tiles * -(-n // tile.block_n)
+    return dataclasses.replace(
+        tile, split_j=split_count(tiles, -(-groups // tile.block_j), device))

@@ -185,19 +185,21 @@ def codebook_width(k: int, shape: str) -> int:
 
 
 def bench_codebook_case(shape: str, n, k, rows, device, timer) -> dict:
+    """The dispatched kernel against fp16, and every codebook implementation with its
+    default tile for this row count."""
     import torch
 
-    from quant.kernels import tuning
-    from quant.kernels.codebook_matmul import codebook_dequant_matmul, codebook_gemv
+    from quant.kernels import ops, tuning
 
     m, nbits, g = parse_codebook_shape(shape)
     weight = random_codebook_weight(n, k, m, nbits, g, device)
     x = torch.randn(rows, k, device=device, dtype=torch.float16)
     case = measure(weight, x, timer)
-    tiles = {r: tuning.CODEBOOK_DEFAULTS[r][1] if device.type == "cuda"
-             else tuning.CodebookTile(**case["config"]) for r in ("gemv", "gemm")}
-    alternatives = {"fused": timer(lambda: codebook_gemv(x, weight, tiles["gemv"]))[0],
-                    "dequant": timer(lambda: codebook_dequant_matmul(x, weight, tiles["gemm"]))[0]}
+    impls = ops.implementations("codebook")
+    alternatives = {
+        name: timer(lambda fn=fn, tile=tuning.codebook_tile(name, device, n, k // g, rows):
+                    fn(x, weight, tile))[0]
+        for name, fn in impls.items()}
     return {"codebooks": shape, "n": n, "k": k, "rows": rows, **case,
             "alternatives_ms": alternatives, "bits_per_weight": weight.bits_per_weight}
 

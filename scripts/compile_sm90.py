@@ -57,27 +57,48 @@ def variants():
 
 
 def codebook_variants(dtypes):
+    import dataclasses
+
     from quant.kernels import tuning
     from quant.kernels.codebook_matmul import (_codebook_dequant_kernel, _codebook_gemv_kernel,
-                                               shape_constexprs)
+                                               _codebook_matmul_kernel, shape_constexprs)
 
+    defaults = tuning.CODEBOOK_DEFAULTS
+    tiles = {  # name: (kernel, tile, split): decode split, the batch-16 and batch-64 tiles
+        "gemv": (_codebook_gemv_kernel, defaults["gemv"], 2),
+        "fused_m16": (_codebook_matmul_kernel, defaults["fused"], 2),
+        "fused_m64": (_codebook_matmul_kernel,
+                      dataclasses.replace(defaults["fused"], block_m=64), 1),
+        "gemm": (_codebook_dequant_kernel, defaults["dequant"], 1),
+    }
     # (M, B, g): the paper's, --bits 2's on the demo (g4, wide g3), others
     shapes = [(1, 16, 8), (2, 8, 8), (1, 8, 4), (1, 8, 3), (4, 8, 16), (2, 8, 6)]
-    for (m, nbits, g), dname in itertools.product(shapes, dtypes):
+    for (m, nbits, g), (dname, dtype), (name, (kernel, tile, split)) in itertools.product(
+            shapes, dtypes.items(), tiles.items()):
         codes = "*i8" if nbits <= 8 else "*i16"
-        for regime, kernel in (("gemv", _codebook_gemv_kernel), ("gemm", _codebook_dequant_kernel)):
-            tile = tuning.CODEBOOK_DEFAULTS[regime][1]
-            if regime == "gemv":
-                signature = {"x_ptr": f"*{dname}", "codes_ptr": codes, "books_ptr": "*fp16",
-                             "scales_ptr": "*fp16", "out_ptr": f"*{dname}", "M": "i32",
-                             "N": "i32", "J": "i32", "stride_xm": "i32", "stride_om": "i32"}
-            else:
-                signature = {"codes_ptr": codes, "books_ptr": "*fp16", "scales_ptr": "*fp16",
-                             "out_ptr": f"*{dname}", "N": "i32", "J": "i32"}
-            constexprs = {**shape_constexprs(m, nbits, g), "BLOCK_N": tile.block_n,
-                          "BLOCK_J": tile.block_j}
-            yield (f"codebook_{regime}/{m}x{nbits}/g{g}/{dname}", kernel, signature, constexprs,
-                   {"num_warps": tile.num_warps, "num_stages": 1})
+        weight = {"codes_ptr": codes, "books_ptr": "*fp16", "scales_ptr": "*fp16"}
+        constexprs = {**shape_constexprs(m, nbits, g), "BLOCK_N": tile.block_n,
+                      "BLOCK_J": tile.block_j}
+        if name == "gemm":
+            signature = {**weight, "out_ptr": f"*{dname}", "N": "i32", "J": "i32"}
+        else:
+            signature = {"x_ptr": f"*{dname}", **weight,
+                         "out_ptr": "*fp32" if split > 1 else f"*{dname}", "M": "i32",
+                         "N": "i32", "J": "i32", "stride_xm": "i32", "stride_om": "i32",
+                         "stride_split": "i32"}
+            constexprs["SPLIT_J"] = split
+        if kernel is _codebook_matmul_kernel:
+            constexprs.update(BLOCK_M=tile.block_m, DOT_DTYPE=dtype)
+        yield (f"codebook_{name}/{m}x{nbits}/g{g}/{dname}", kernel, signature, constexprs,
+               {"num_warps": tile.num_warps, "num_stages": 1})
+
+
+def launch_hints(kernel, signature) -> dict:
+    """The divisibility a launch on a GPU gives the compiler for Llama shapes: torch's
+    allocations are 16-byte aligned and every size but the row count M is a multiple of
+    16, so compile with the same facts (loads vectorise on them)."""
+    return {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+            for name in signature if name != "M"}
 
 
 def compile_one(index: int) -> dict:
@@ -87,7 +108,7 @@ def compile_one(index: int) -> dict:
 
     name, kernel, signature, constexprs, options = list(variants())[index]
     src = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}},
-                    constexprs=constexprs)
+                    constexprs=constexprs, attrs=launch_hints(kernel, signature))
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
         return {"kernel": name, "shared": compiled.metadata.shared,

@@ -38,7 +38,8 @@ def test_bench_kernels_dry_run(tmp_path):
     assert len(codebook["cases"]) == 4 * 5 * 2  # 4 default shapes, 5 layer shapes, 2 batches
     for case in codebook["cases"]:
         assert case["rel_err_vs_reference"] < 1e-2 and case["ms"] > 0
-        assert case["impl"] == ("fused" if case["rows"] <= 16 else "dequant")
+        assert case["impl"] == {1: "gemv", 16: "fused"}[case["rows"]]
+        assert set(case["alternatives_ms"]) == {"gemv", "fused", "dequant"}
         assert case["k"] % (3 if case["codebooks"] == "1x8g3" else 16) == 0
 
 

@@ -1,13 +1,15 @@
 """Triton codebook (AQLM) kernels, under the interpreter on CPU, against a float64
 dequantization written here and against the torch reference."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from quant.formats import CodebookWeight
 from quant.kernels import ops, tuning
 from quant.kernels.codebook_matmul import (codebook_dequant, codebook_dequant_matmul,
-                                           codebook_gemv)
+                                           codebook_gemv, codebook_matmul)
 from quant.kernels.reference import matmul_reference
 from tests.kernels.numerics import DEVICE, UNIT_ROUNDOFF
 
@@ -38,21 +40,52 @@ SHAPES = [  # (N, K, M, B, g): N and groups not multiples of the tiles
 ]
 
 
+def assert_matches_float64(y, x, w, dtype, name):
+    assert y.dtype == dtype and y.shape == (x.shape[0], w.shape[0]), name
+    ref = x.double() @ w.t()
+    bound = x.double().abs() @ w.abs().t() + ref.abs()
+    err = (y.double().cpu() - ref).abs()
+    slack = 1 if dtype == torch.float32 else 2  # W rounded to x's dtype before the dot
+    assert (err <= slack * 2 * UNIT_ROUNDOFF[dtype] * bound + 1e-6).all(), name
+
+
+# (rows, kernel): each kernel at the row counts dispatch gives it, and a tile's worth more
+KERNEL_ROWS = [(1, codebook_gemv), (3, codebook_gemv), (3, codebook_matmul),
+               (20, codebook_matmul), (20, codebook_dequant_matmul)]
+
+
 @pytest.mark.parametrize("n,k,m,nbits,g", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_gemv_and_dequant_matmul_match_float64(n, k, m, nbits, g, dtype):
+def test_every_kernel_matches_float64(n, k, m, nbits, g, dtype):
     weight = random_weight(n, k, m, nbits, g)
     w = dense64(weight)
-    for rows, kernel in ((3, codebook_gemv), (20, codebook_dequant_matmul)):
+    for rows, kernel in KERNEL_ROWS:
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(dtype)
         _, tile = tuning.choose_codebook(DEVICE, n, k // g, rows)
         y = kernel(x.to(DEVICE), weight, tile)
-        assert y.dtype == dtype and y.shape == (rows, n)
-        ref = x.double() @ w.t()
-        bound = x.double().abs() @ w.abs().t() + ref.abs()
-        err = (y.double().cpu() - ref).abs()
-        slack = 1 if dtype == torch.float32 else 2  # W rounded to x's dtype on the gemm path
-        assert (err <= slack * 2 * UNIT_ROUNDOFF[dtype] * bound + 1e-6).all(), kernel.__name__
+        assert_matches_float64(y, x, w, dtype, f"{kernel.__name__} rows {rows}")
+
+
+@pytest.mark.parametrize("kernel", [codebook_gemv, codebook_matmul])
+@pytest.mark.parametrize("split", [2, 3, 4])
+def test_split_code_groups_add_up(kernel, split):
+    """10 code groups in 5 steps of 2: slices of 3 + 2, 2 + 2 + 1, and 2 + 2 + 1 + 0 steps
+    (the last slice empty) each still count every group once."""
+    weight = random_weight(36, 40, 2, 8, 4)
+    x = torch.randn(5, 40, generator=torch.Generator().manual_seed(1))
+    tile = tuning.CodebookTile(block_n=16, block_j=2, block_m=16, split_j=split)
+    y = kernel(x.to(DEVICE), weight, tile)
+    assert_matches_float64(y, x, dense64(weight), torch.float32, f"split {split}")
+
+
+def test_split_fills_the_gpu_with_two_steps_per_slice_at_least():
+    cpu, tile = torch.device("cpu"), tuning.CodebookTile(64, 16, split_j=0)  # 2 x 64 programs
+    assert tuning.resolve_split_j(tile, 1, 4096, 512, cpu).split_j == 2   # 64 row blocks
+    assert tuning.resolve_split_j(tile, 1, 11008, 512, cpu).split_j == 1  # 172 already
+    assert tuning.resolve_split_j(tile, 1, 256, 1376, cpu).split_j == 32
+    assert tuning.resolve_split_j(tile, 1, 256, 32, cpu).split_j == 1     # 2 steps in all
+    fixed = dataclasses.replace(tile, split_j=3)
+    assert tuning.resolve_split_j(fixed, 1, 64, 512, cpu) == fixed
 
 
 @pytest.mark.parametrize("g", [8, 6])
@@ -67,12 +100,12 @@ def test_dispatch_routes_codebook_layers(monkeypatch):
     weight = random_weight(40, 64, 2, 8, 8)
     x = torch.randn(2, 64).to(DEVICE)
     assert ops.select(weight, x, "torch")[0] == "torch"
-    assert ops.select(weight, x, "triton")[1] is codebook_gemv
-    big = torch.randn(32, 64).to(DEVICE)
-    assert ops.select(weight, big, "triton")[1] is codebook_dequant_matmul
+    for rows, kernel in ((1, codebook_gemv), (2, codebook_matmul), (64, codebook_matmul),
+                         (65, codebook_dequant_matmul)):
+        assert ops.select(weight, torch.randn(rows, 64).to(DEVICE), "triton")[1] is kernel
     y = ops.linear(x, weight, preference="triton")
     assert torch.allclose(y, matmul_reference(x, weight), atol=1e-5, rtol=1e-4)
     odd = random_weight(40, 60, 2, 8, 6).to(DEVICE)  # in-group 6 (aqlm's wide layers)
-    assert ops.select(odd, x[:, :60], "triton")[1] is codebook_gemv
+    assert ops.select(odd, x[:1, :60], "triton")[1] is codebook_gemv
     y = ops.linear(x[:, :60], odd, preference="triton")
     assert torch.allclose(y, matmul_reference(x[:, :60], odd), atol=1e-5, rtol=1e-4)

@@ -111,4 +111,5 @@ def test_every_kernel_compiles_for_sm90_within_shared_memory():
     assert len(results) >= 100 and all(0 <= r["shared"] <= 232448 for r in results)
     assert any(r["shared"] > 0 for r in results)  # the metadata is real, not a default
     assert any(r["kernel"].startswith("codebook_gemv/1x16") for r in results)
+    assert any(r["kernel"].startswith("codebook_fused_m16/1x16") for r in results)
     assert any(r["kernel"].startswith("codebook_gemm/1x8/g3") for r in results)  # demo's wide
