@@ -45,7 +45,8 @@ def _has_kernels(weight) -> bool:
 def _choose(weight, x: torch.Tensor, rows: int):
     if weight.format_name == "codebook":
         groups = weight.in_features // weight.in_group_size
-        return tuning.choose_codebook(x.device, weight.out_features, groups, rows)
+        shape = tuning.codebook_shape(weight.num_codebooks, weight.nbits, weight.in_group_size)
+        return tuning.choose_codebook(x.device, shape, weight.out_features, groups, rows)
     return tuning.choose(x.device, weight.bits, weight.out_features, weight.in_features,
                          weight.group_size, rows)
 

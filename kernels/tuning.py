@@ -84,12 +84,17 @@ def gpu_slug(name: str) -> str:
 
 
 def load_tuned(path: Path) -> dict:
-    """{(bits, n, k, rows bucket): (implementation, TileConfig)} from a tuned-config file."""
-    if not path.is_file():
-        return {}
-    entries = json.loads(path.read_text())["entries"]
-    return {(e["bits"], e["n"], e["k"], e["rows"]): (e["impl"], TileConfig(**e["config"]))
-            for e in entries}
+    """A tuned-config file as {"int": {(bits, n, k, rows bucket): (implementation,
+    TileConfig)}, "codebook": {(codebook shape "MxBgG", n, groups, rows bucket):
+    (implementation, CodebookTile)}}."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    return {
+        "int": {(e["bits"], e["n"], e["k"], e["rows"]): (e["impl"], TileConfig(**e["config"]))
+                for e in data.get("entries", [])},
+        "codebook": {(e["codebooks"], e["n"], e["groups"], e["rows"]):
+                     (e["impl"], CodebookTile(**e["config"]))
+                     for e in data.get("codebook_entries", [])},
+    }
 
 
 @functools.cache
@@ -101,7 +106,7 @@ def choose(device: torch.device, bits: int, n: int, k: int, group_size: int,
            rows: int) -> tuple[str, TileConfig]:
     """(implementation, tile config) for `rows` rows against an N x K weight."""
     if device.type == "cuda":
-        found = _tuned(device.index or 0).get((bits, n, k, rows_bucket(rows)))
+        found = _tuned(device.index or 0)["int"].get((bits, n, k, rows_bucket(rows)))
         if found:
             return found
         impl, config = DEFAULTS[regime(rows)]
@@ -128,10 +133,19 @@ def codebook_tile(impl: str, device: torch.device, n: int, groups: int,
     return dataclasses.replace(tile, block_m=16 if rows <= 16 else 64)
 
 
-def choose_codebook(device: torch.device, n: int, groups: int,
+def codebook_shape(num_codebooks: int, nbits: int, in_group: int) -> str:
+    """The name of a codebook configuration in tuned files and benchmarks: '1x16g8'."""
+    return f"{num_codebooks}x{nbits}g{in_group}"
+
+
+def choose_codebook(device: torch.device, shape: str, n: int, groups: int,
                     rows: int) -> tuple[str, CodebookTile]:
-    """(implementation, tile) for `rows` rows against a codebook weight of N rows and
-    `groups` code groups per row."""
+    """(implementation, tile) for `rows` rows against a codebook weight of configuration
+    `shape`, N rows and `groups` code groups per row."""
+    if device.type == "cuda":
+        found = _tuned(device.index or 0)["codebook"].get((shape, n, groups, rows_bucket(rows)))
+        if found:
+            return found
     impl = codebook_impl(rows)
     return impl, codebook_tile(impl, device, n, groups, rows)
 

@@ -47,12 +47,13 @@ def parse_args(argv):
 
 # ---- timing ------------------------------------------------------------------------------
 
-def make_timer(dry_run: bool):
-    """fn -> (median, p20, p80) milliseconds."""
+def make_timer(dry_run: bool, rep_ms: int = 100):
+    """fn -> (median, p20, p80) milliseconds, over about rep_ms of runs on a GPU."""
     if not dry_run:
         import triton.testing
 
-        return lambda fn: tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
+        return lambda fn: tuple(triton.testing.do_bench(fn, warmup=rep_ms // 4, rep=rep_ms,
+                                                        quantiles=[0.5, 0.2, 0.8]))
 
     def wall(fn):
         fn()
@@ -133,7 +134,9 @@ def measure(weight, x, timer) -> dict:
             "gbps": moved / chosen[0] / 1e6, "rel_err_vs_reference": rel_err}
 
 
-def bench_case(bits, n, k, rows, group, device, timer, tune: bool) -> dict:
+def bench_case(bits, n, k, rows, group, device, timer, sweep_timer=None) -> dict:
+    """The dispatched int kernel and both implementations against fp16; given a
+    sweep_timer (--tune), also the best of a sweep of tiles."""
     import torch
 
     from quant.kernels import tuning
@@ -148,16 +151,13 @@ def bench_case(bits, n, k, rows, group, device, timer, tune: bool) -> dict:
                     if case["impl"] != "fused" else case["ms"],
                     "dequant": timer(lambda: dequant_matmul(x, weight))[0]}
     best_tuned = None
-    if tune:
-        trials = [("fused", c, timer(lambda c=c: int_matmul(x, weight, c))[0])
-                  for c in candidates(rows, group)]
+    if sweep_timer:
+        trials = time_trials([("fused", c) for c in candidates(rows, group)],
+                             lambda impl, c: int_matmul(x, weight, c), sweep_timer)
         trials.append(("dequant", tuning.DEQUANT_TILE, alternatives["dequant"]))
         best_tuned = min(trials, key=lambda t: t[2])
     return {"bits": bits, "n": n, "k": k, "rows": rows, "group_size": group, **case,
-            "alternatives_ms": alternatives,
-            "tuned": None if best_tuned is None else
-            {"impl": best_tuned[0], "config": dataclasses.asdict(best_tuned[1]),
-             "ms": best_tuned[2]}}
+            "alternatives_ms": alternatives, "tuned": tuned_record(best_tuned)}
 
 
 def random_codebook_weight(n, k, m, nbits, g, device):
@@ -184,9 +184,34 @@ def codebook_width(k: int, shape: str) -> int:
     return max(step, k // step * step)
 
 
-def bench_codebook_case(shape: str, n, k, rows, device, timer) -> dict:
-    """The dispatched kernel against fp16, and every codebook implementation with its
-    default tile for this row count."""
+def codebook_candidates(rows: int) -> list:
+    """(implementation, tile) pairs swept by --tune for a codebook case: the GEMV for one
+    row, the tensor-core kernel up to 64 rows (its BLOCK_M fixed by the rows)."""
+    from quant.kernels.tuning import CODEBOOK_FUSED_MAX_ROWS, CodebookTile
+
+    block_m = 16 if rows <= 16 else 64
+    grid = list(itertools.product((16, 32, 64, 128), (8, 16, 32), (4, 8), (0, 1)))
+    trials = [("fused", CodebookTile(bn, bj, w, block_m, split)) for bn, bj, w, split in grid
+              if bn >= 32 and rows <= CODEBOOK_FUSED_MAX_ROWS]
+    if rows == 1:
+        trials += [("gemv", CodebookTile(bn, bj, w, 16, split)) for bn, bj, w, split in grid]
+    return trials
+
+
+def time_trials(trials, run, timer) -> list:
+    """(implementation, tile, ms) of each trial that compiles and runs on this GPU."""
+    timed = []
+    for impl, tile in trials:
+        try:
+            timed.append((impl, tile, timer(lambda impl=impl, tile=tile: run(impl, tile))[0]))
+        except Exception as exc:  # a tile beyond the GPU's registers or shared memory
+            print(f"  skipped {impl} {tile}: {str(exc).splitlines()[0][:120]}", file=sys.stderr)
+    return timed
+
+
+def bench_codebook_case(shape: str, n, k, rows, device, timer, sweep_timer=None) -> dict:
+    """The dispatched kernel against fp16, every codebook implementation with its default
+    tile for this row count, and given a sweep_timer (--tune) the best of a sweep of tiles."""
     import torch
 
     from quant.kernels import ops, tuning
@@ -196,12 +221,23 @@ def bench_codebook_case(shape: str, n, k, rows, device, timer) -> dict:
     x = torch.randn(rows, k, device=device, dtype=torch.float16)
     case = measure(weight, x, timer)
     impls = ops.implementations("codebook")
-    alternatives = {
-        name: timer(lambda fn=fn, tile=tuning.codebook_tile(name, device, n, k // g, rows):
-                    fn(x, weight, tile))[0]
-        for name, fn in impls.items()}
-    return {"codebooks": shape, "n": n, "k": k, "rows": rows, **case,
-            "alternatives_ms": alternatives, "bits_per_weight": weight.bits_per_weight}
+    defaults = {name: tuning.codebook_tile(name, device, n, k // g, rows) for name in impls}
+    alternatives = {name: timer(lambda fn=fn, tile=defaults[name]: fn(x, weight, tile))[0]
+                    for name, fn in impls.items()}
+    best_tuned = None
+    if sweep_timer:
+        trials = time_trials(codebook_candidates(rows),
+                             lambda impl, tile: impls[impl](x, weight, tile), sweep_timer)
+        trials += [(name, defaults[name], ms) for name, ms in alternatives.items()]
+        best_tuned = min(trials, key=lambda t: t[2])
+    return {"codebooks": shape, "n": n, "k": k, "groups": k // g, "rows": rows, **case,
+            "alternatives_ms": alternatives, "bits_per_weight": weight.bits_per_weight,
+            "tuned": tuned_record(best_tuned)}
+
+
+def tuned_record(best) -> dict | None:
+    return None if best is None else {"impl": best[0], "config": dataclasses.asdict(best[1]),
+                                      "ms": best[2]}
 
 
 # ---- output ------------------------------------------------------------------------------
@@ -240,14 +276,21 @@ def markdown(result: dict) -> str:
                  ["bits", *TIMING_HEADER, "% copy BW"], rows)
 
 
-def store_tuned(result: dict, device_name: str) -> Path:
+def store_tuned(result: dict, codebook_result: dict | None, device_name: str) -> Path:
+    """Write the tuned winners of both benchmarks to kernels/configs/<device>.json."""
     from quant.kernels.tuning import CONFIG_DIR, gpu_slug, rows_bucket
 
-    entries = [{"bits": c["bits"], "n": c["n"], "k": c["k"], "rows": rows_bucket(c["rows"]),
-                "impl": c["tuned"]["impl"], "config": c["tuned"]["config"]}
-               for c in result["cases"] if c["tuned"]]
+    def entries(cases, keys):
+        return [{**{key: c[key] for key in keys}, "rows": rows_bucket(c["rows"]),
+                 "impl": c["tuned"]["impl"], "config": c["tuned"]["config"]}
+                for c in cases if c.get("tuned")]
+
+    codebook_cases = codebook_result["cases"] if codebook_result else []
     path = CONFIG_DIR / f"{gpu_slug(device_name)}.json"
-    path.write_text(json.dumps({"device": device_name, "entries": entries}, indent=1) + "\n")
+    path.write_text(json.dumps({
+        "device": device_name, "entries": entries(result["cases"], ("bits", "n", "k")),
+        "codebook_entries": entries(codebook_cases, ("codebooks", "n", "groups"))},
+        indent=1) + "\n")
     return path
 
 
@@ -265,11 +308,12 @@ def main(argv=None) -> int:
     device_name = "cpu-dry-run" if args.dry_run else torch.cuda.get_device_name()
     scale = DRY_RUN_SCALE if args.dry_run else 1
     timer = make_timer(args.dry_run)
+    sweep_timer = make_timer(args.dry_run, rep_ms=25) if args.tune else None
     group = args.group_size if not args.dry_run else min(args.group_size, 64)
     shapes = [(n // scale, max(group, k // scale // group * group)) for n, k in SHAPES]
     cases = []
     for bits, (n, k), rows in itertools.product(args.bits, shapes, args.batches):
-        cases.append(bench_case(bits, n, k, rows, group, device, timer, args.tune))
+        cases.append(bench_case(bits, n, k, rows, group, device, timer, sweep_timer))
         c = cases[-1]
         print(f"b{bits} {n}x{k} rows {rows}: {c['ms']:.4f} ms ({c['impl']}), fp16 "
               f"{c['fp16_ms']:.4f} ms, {c['speedup_vs_fp16']:.2f}x", file=sys.stderr)
@@ -281,19 +325,25 @@ def main(argv=None) -> int:
     stem = args.out / f"{gpu_slug(device_name)}-int"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))
-    if args.tune and not args.dry_run:
-        print(f"tuned configs: {store_tuned(result, device_name)}", file=sys.stderr)
     print(stem.with_suffix(".md").read_text())
+    codebook_result = None
     if args.codebooks:
-        codebook_cases = [bench_codebook_case(shape, n, codebook_width(k, shape), rows, device,
-                                              timer)
-                          for shape, (n, k), rows in itertools.product(args.codebooks, shapes,
-                                                                        args.batches)]
+        codebook_cases = []
+        for shape, (n, k), rows in itertools.product(args.codebooks, shapes, args.batches):
+            c = bench_codebook_case(shape, n, codebook_width(k, shape), rows, device, timer,
+                                    sweep_timer)
+            codebook_cases.append(c)
+            print(f"{shape} {n}x{c['k']} rows {rows}: {c['ms']:.4f} ms ({c['impl']}), fp16 "
+                  f"{c['fp16_ms']:.4f} ms, {c['speedup_vs_fp16']:.2f}x", file=sys.stderr)
         stem = args.out / f"{gpu_slug(device_name)}-codebook"
-        result = {**{k: v for k, v in result.items() if k != "cases"}, "cases": codebook_cases}
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(codebook_markdown(result))
+        codebook_result = {**{k: v for k, v in result.items() if k != "cases"},
+                           "cases": codebook_cases}
+        stem.with_suffix(".json").write_text(json.dumps(codebook_result, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(codebook_markdown(codebook_result))
         print(stem.with_suffix(".md").read_text())
+    if args.tune and not args.dry_run:
+        print(f"tuned configs: {store_tuned(result, codebook_result, device_name)}",
+              file=sys.stderr)
     return 0
 
 

@@ -11,6 +11,8 @@
 #   tests     the tests that need no demo weights, on CUDA (kernels compiled, not
 #             interpreted), and the sm_90 compile check
 #   kernels   scripts/bench_kernels.py: its int and codebook rows against fp16
+#   tune      the same with --tune for 4-bit and the paper's two codebook shapes at
+#             batch 1 and 16: the winning tiles, kernels/configs/<gpu>.json, land in OUTDIR
 #   quantize  scripts/bench_quantize.py on random Llama-7B-shaped blocks: GPTQ 4-bit g128
 #             (two blocks), AQLM 1x16 g8 (one block, then distillation)
 # DRY_RUN=1 runs a stage's wiring on a CPU (interpreted kernels, tiny shapes; after
@@ -20,7 +22,7 @@
 # says whether any failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: scripts/gpu_suite.sh prepare [PYTHON_VERSION] | tests|kernels|quantize OUTDIR}
+stage=${1:?usage: scripts/gpu_suite.sh prepare [PYVER] | tests|kernels|tune|quantize OUTDIR}
 PACKAGES=(transformers datasets gguf dill multiprocess)  # absent or too old in the image
 
 prepare() {
@@ -87,6 +89,11 @@ case $stage in
     kernels)
         step kernels.log python3 scripts/bench_kernels.py "${dry[@]}" --out "$out"
         ;;
+    tune)
+        step tune.log python3 scripts/bench_kernels.py "${dry[@]}" --tune --bits 4 \
+            --batches 1 16 --codebooks 1x16g8 2x8g8 --out "$out"
+        cp kernels/configs/*.json "$out/" 2>/dev/null || echo "no tuned configs written"
+        ;;
     quantize)
         # group size: the default, 128 on 7B layers
         step quantize-gptq.log python3 scripts/bench_quantize.py "${dry[@]}" --method gptq \
@@ -95,7 +102,7 @@ case $stage in
             --blocks 1 "${aqlm_shape[@]}" --out "$out/quantize-aqlm.json"
         ;;
     *)
-        echo "unknown stage $stage (prepare, tests, kernels, quantize)" >&2
+        echo "unknown stage $stage (prepare, tests, kernels, tune, quantize)" >&2
         exit 2
         ;;
 esac

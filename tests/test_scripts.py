@@ -1,5 +1,6 @@
 """The benchmark scripts are wired: their CPU dry runs produce the promised files."""
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,10 +62,45 @@ def test_tuned_configs_round_trip(tmp_path, monkeypatch):
            "num_warps": 4, "num_stages": 3}
     result = {"cases": [{"bits": 4, "n": 4096, "k": 4096, "rows": 3,
                          "tuned": {"impl": "fused", "config": cfg, "ms": 0.01}}]}
-    path = bench.store_tuned(result, "NVIDIA H100 80GB HBM3")
-    assert tuning.load_tuned(path) == {(4, 4096, 4096, 4): ("fused", tuning.TileConfig(**cfg))}
+    tile = tuning.CodebookTile(32, 16, num_warps=8, block_m=16, split_j=2)
+    codebooks = {"cases": [{"codebooks": "1x16g8", "n": 11008, "k": 4096, "groups": 512,
+                            "rows": 1, "tuned": bench.tuned_record(("gemv", tile, 0.01))},
+                           {"codebooks": "2x8g8", "n": 4096, "rows": 1, "tuned": None}]}
+    path = bench.store_tuned(result, codebooks, "NVIDIA H100 80GB HBM3")
+    assert tuning.load_tuned(path) == {
+        "int": {(4, 4096, 4096, 4): ("fused", tuning.TileConfig(**cfg))},
+        "codebook": {("1x16g8", 11008, 512, 1): ("gemv", tile)}}
     assert all(c.block_k <= 128 and 128 % c.block_k == 0 for c in bench.candidates(1, 128))
     assert {c.block_m for c in bench.candidates(64, 128)} == {32, 64, 128}
+
+
+def test_codebook_candidates_fit_the_row_count():
+    bench = load_script("bench_kernels")
+    one, sixteen, many = (bench.codebook_candidates(rows) for rows in (1, 16, 64))
+    assert {impl for impl, _ in one} == {"gemv", "fused"}
+    assert {impl for impl, _ in sixteen} == {"fused"} and len(sixteen) == len(many)
+    assert {t.block_m for _, t in sixteen} == {16} and {t.block_m for _, t in many} == {64}
+    assert bench.codebook_candidates(65) == []  # beyond the fused kernel: dequant only
+
+
+def test_codebook_tune_keeps_the_fastest_trial_and_skips_failing_tiles(monkeypatch):
+    from quant.kernels.tuning import CodebookTile
+
+    bench = load_script("bench_kernels")
+    broken = CodebookTile(16, 7)  # tl.arange needs a power of two
+    trials = [("fused", CodebookTile(32, 8)), ("gemv", CodebookTile(16, 8)), ("gemv", broken)]
+    monkeypatch.setattr(bench, "codebook_candidates", lambda rows: trials)
+    # timer calls: fp16, dispatched, 3 defaults (gemv, fused, dequant), then the trials
+    times = iter([1.0, 5.0, 5.0, 4.0, 6.0, 3.0, 2.0, 0.5])
+
+    def timer(fn):
+        fn()
+        return next(times), 0.0, 0.0
+
+    case = bench.bench_codebook_case("1x8g4", 40, 64, 1, torch.device("cpu"), timer, timer)
+    assert case["alternatives_ms"] == {"gemv": 5.0, "fused": 4.0, "dequant": 6.0}
+    assert case["tuned"] == {"impl": "gemv", "ms": 2.0,
+                             "config": dataclasses.asdict(CodebookTile(16, 8))}
 
 
 def test_bench_quantize_dry_run(tmp_path):
