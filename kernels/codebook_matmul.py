@@ -43,6 +43,17 @@ def _codebook_vectors(codes_ptr, books_ptr, rn, rj, N, J, m,
 
 
 @triton.jit
+def _weight_tile(codes_ptr, books_ptr, rn, rj, N, J, NUM_CODEBOOKS: tl.constexpr,
+                 NBITS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr):
+    """[BN, BJ, G_PAD] fp32 tile of W / scale: the sum of every codebook's codewords."""
+    w = _codebook_vectors(codes_ptr, books_ptr, rn, rj, N, J, 0, NUM_CODEBOOKS, NBITS, G, G_PAD)
+    for m in tl.static_range(1, NUM_CODEBOOKS):
+        w += _codebook_vectors(codes_ptr, books_ptr, rn, rj, N, J, m,
+                               NUM_CODEBOOKS, NBITS, G, G_PAD)
+    return w
+
+
+@triton.jit
 def _split_range(J, BLOCK_J: tl.constexpr, SPLIT_J: tl.constexpr):
     """[begin, end) of this program's code groups (axis 2), in whole BLOCK_J steps."""
     per_split = tl.cdiv(tl.cdiv(J, BLOCK_J), SPLIT_J) * BLOCK_J
@@ -67,10 +78,8 @@ def _codebook_gemv_kernel(
         x = tl.load(x_ptr + row * stride_xm + rj[:, None] * G + rg[None, :],
                     mask=(rj[:, None] < J) & (rg[None, :] < G),
                     other=0.0).to(tl.float32)                               # [BJ, G_PAD]
-        for m in tl.static_range(NUM_CODEBOOKS):
-            vectors = _codebook_vectors(codes_ptr, books_ptr, rn, rj, N, J, m,
-                                        NUM_CODEBOOKS, NBITS, G, G_PAD)
-            acc += tl.sum(vectors * x[None, :, :], axis=2)
+        w = _weight_tile(codes_ptr, books_ptr, rn, rj, N, J, NUM_CODEBOOKS, NBITS, G, G_PAD)
+        acc += tl.sum(w * x[None, :, :], axis=2)
     scale = tl.load(scales_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=1) * scale
     out = out_ptr + tl.program_id(2) * stride_split + row * stride_om + rn
@@ -100,10 +109,7 @@ def _codebook_matmul_kernel(
         x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :],
                     mask=(rm[:, None] < M) & (lane_j[None, :] < J) & (lane_g[None, :] < G),
                     other=0.0)                                              # [BM, BJ*G_PAD]
-        w = tl.zeros([BLOCK_N, BLOCK_J, G_PAD], dtype=tl.float32)
-        for m in tl.static_range(NUM_CODEBOOKS):
-            w += _codebook_vectors(codes_ptr, books_ptr, rn, rj, N, J, m,
-                                   NUM_CODEBOOKS, NBITS, G, G_PAD)
+        w = _weight_tile(codes_ptr, books_ptr, rn, rj, N, J, NUM_CODEBOOKS, NBITS, G, G_PAD)
         w = tl.reshape(w, [BLOCK_N, BLOCK_J * G_PAD])
         if DOT_DTYPE == tl.float32:
             acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
@@ -124,10 +130,7 @@ def _codebook_dequant_kernel(
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rj = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     rg = tl.arange(0, G_PAD)
-    w = tl.zeros([BLOCK_N, BLOCK_J, G_PAD], dtype=tl.float32)
-    for m in tl.static_range(NUM_CODEBOOKS):
-        w += _codebook_vectors(codes_ptr, books_ptr, rn, rj, N, J, m, NUM_CODEBOOKS, NBITS, G,
-                               G_PAD)
+    w = _weight_tile(codes_ptr, books_ptr, rn, rj, N, J, NUM_CODEBOOKS, NBITS, G, G_PAD)
     scale = tl.load(scales_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     w = w * scale[:, None, None]
     offsets = rn[:, None, None] * (J * G) + rj[None, :, None] * G + rg[None, None, :]
