@@ -150,48 +150,35 @@ def _check(x: torch.Tensor, weight) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.contiguous()
 
 
-def _partial_sums(x: torch.Tensor, n: int, split: int) -> torch.Tensor:
-    """The output buffer [split, M, N]: fp32 when slices are added afterwards."""
-    dtype = torch.float32 if split > 1 else buffers.store_dtype(x.dtype)
-    return buffers.alloc((split, x.shape[0], n), dtype, x.device)
-
-
-def _finish(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (out[0] if out.shape[0] == 1 else out.sum(0)).to(dtype)
+def _launch_gathering(kernel, x: torch.Tensor, weight, config: CodebookTile, block_m: int,
+                      **constexprs) -> torch.Tensor:
+    """Run a gathering kernel over a grid of (BLOCK_N rows of W, `block_m` rows of x, code
+    group slices) and add up its slices."""
+    x = _check(x, weight)
+    M, N = x.shape[0], weight.out_features
+    J = weight.in_features // weight.in_group_size
+    config = resolve_split_j(config, triton.cdiv(M, block_m), N, J, x.device)
+    out = buffers.split_outputs(config.split_j, M, N, x.dtype, x.device)
+    grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, block_m), config.split_j)
+    kernel[grid](
+        x, weight.codes, weight.codebooks, weight.scales, out, M, N, J, x.stride(0), N, M * N,
+        **shape_constexprs(weight.num_codebooks, weight.nbits, weight.in_group_size),
+        BLOCK_N=config.block_n, BLOCK_J=config.block_j, SPLIT_J=config.split_j,
+        num_warps=config.num_warps, **constexprs)
+    return buffers.add_splits(out, x.dtype)
 
 
 def codebook_gemv(x: torch.Tensor, weight, config: CodebookTile) -> torch.Tensor:
     """[M, K] activations (M small, best 1) times the CodebookWeight's W^T -> [M, N] in
     x.dtype; each activation row gathers the codewords again."""
-    x = _check(x, weight)
-    M, N = x.shape[0], weight.out_features
-    J = weight.in_features // weight.in_group_size
-    config = resolve_split_j(config, M, N, J, x.device)
-    out = _partial_sums(x, N, config.split_j)
-    grid = (triton.cdiv(N, config.block_n), M, config.split_j)
-    _codebook_gemv_kernel[grid](
-        x, weight.codes, weight.codebooks, weight.scales, out, M, N, J, x.stride(0), N, M * N,
-        **shape_constexprs(weight.num_codebooks, weight.nbits, weight.in_group_size),
-        BLOCK_N=config.block_n, BLOCK_J=config.block_j, SPLIT_J=config.split_j,
-        num_warps=config.num_warps)
-    return _finish(out, x.dtype)
+    return _launch_gathering(_codebook_gemv_kernel, x, weight, config, 1)
 
 
 def codebook_matmul(x: torch.Tensor, weight, config: CodebookTile) -> torch.Tensor:
     """[M, K] activations (a few rows) times the CodebookWeight's W^T -> [M, N] in x.dtype,
     on tensor cores, gathering each codeword once per BLOCK_M rows."""
-    x = _check(x, weight)
-    M, N = x.shape[0], weight.out_features
-    J = weight.in_features // weight.in_group_size
-    config = resolve_split_j(config, triton.cdiv(M, config.block_m), N, J, x.device)
-    out = _partial_sums(x, N, config.split_j)
-    grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, config.block_m), config.split_j)
-    _codebook_matmul_kernel[grid](
-        x, weight.codes, weight.codebooks, weight.scales, out, M, N, J, x.stride(0), N, M * N,
-        **shape_constexprs(weight.num_codebooks, weight.nbits, weight.in_group_size),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_J=config.block_j,
-        SPLIT_J=config.split_j, DOT_DTYPE=dot_dtype(x.dtype), num_warps=config.num_warps)
-    return _finish(out, x.dtype)
+    return _launch_gathering(_codebook_matmul_kernel, x, weight, config, config.block_m,
+                             BLOCK_M=config.block_m, DOT_DTYPE=dot_dtype(x.dtype))
 
 
 def codebook_dequant(weight, dtype: torch.dtype, config: CodebookTile) -> torch.Tensor:

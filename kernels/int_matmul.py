@@ -84,8 +84,7 @@ def int_matmul(x: torch.Tensor, weight, config: TileConfig) -> torch.Tensor:
     g_idx = weight.g_idx if weight.g_idx is not None else weight.qweight  # unused pointer
     # 2. allocate: fp32 partial sums for split-K
     split = config.split_k
-    out_dtype = torch.float32 if split > 1 else buffers.store_dtype(x.dtype)
-    out = buffers.alloc((split, M, N), out_dtype, x.device)
+    out = buffers.split_outputs(split, M, N, x.dtype, x.device)
     # 3. launch
     grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), split)
     _int_matmul_kernel[grid](
@@ -95,4 +94,4 @@ def int_matmul(x: torch.Tensor, weight, config: TileConfig) -> torch.Tensor:
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SPLIT_K=split, GROUP_M=config.group_m, DOT_DTYPE=dot_dtype(x.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages)
-    return (out[0] if split == 1 else out.sum(0)).to(x.dtype)
+    return buffers.add_splits(out, x.dtype)

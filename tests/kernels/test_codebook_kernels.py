@@ -61,7 +61,8 @@ def test_every_kernel_matches_float64(n, k, m, nbits, g, dtype):
     w = dense64(weight)
     for rows, kernel in KERNEL_ROWS:
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(dtype)
-        _, tile = tuning.choose_codebook(DEVICE, f"{m}x{nbits}g{g}", n, k // g, rows)
+        _, tile = tuning.choose_codebook(DEVICE, tuning.codebook_shape(m, nbits, g), n, k // g,
+                                          rows)
         y = kernel(x.to(DEVICE), weight, tile)
         assert_matches_float64(y, x, w, dtype, f"{kernel.__name__} rows {rows}")
 
@@ -91,7 +92,7 @@ def test_split_fills_the_gpu_with_two_steps_per_slice_at_least():
 @pytest.mark.parametrize("g", [8, 6])
 def test_dequant_kernel_equals_the_format_reference_exactly_in_fp32(g):
     weight = random_weight(100, 96, 2, 8, g)
-    _, tile = tuning.choose_codebook(DEVICE, f"2x8g{g}", 100, 96 // g, 64)
+    _, tile = tuning.choose_codebook(DEVICE, tuning.codebook_shape(2, 8, g), 100, 96 // g, 64)
     dense = codebook_dequant(weight, torch.float32, tile)
     assert torch.allclose(dense.cpu(), weight.dequantize(torch.float32).cpu(), rtol=1e-6, atol=1e-7)
 
