@@ -11,7 +11,8 @@
 - `codebook_dequant_matmul` (prefill): a kernel writes the dense W in the activation
   dtype, then one dense matmul (cuBLAS on a GPU).
 Accumulation is fp32. The two gathering kernels can split the code groups into SPLIT_J
-slices (fp32 partial sums, added by the launcher) so that small layers fill the GPU. An
+slices (fp32 partial sums, added by the launcher) so that small layers fill the GPU. A
+group's M codes are read with one load where they fill a word (2x8: one int16). An
 in-group size g that is not a power of two (1x8 g3) runs in lanes of the next power of
 two, the extra ones masked.
 """
@@ -22,34 +23,46 @@ import torch
 import triton
 import triton.language as tl
 
+from quant.formats.codebook_weight import code_dtype
 from quant.kernels import buffers
 from quant.kernels.int_matmul import dot_dtype
 from quant.kernels.tuning import CodebookTile, resolve_split_j
 
 
 @triton.jit
-def _codebook_vectors(codes_ptr, books_ptr, rn, rj, N, J, m,
-                      NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, G: tl.constexpr,
-                      G_PAD: tl.constexpr):
-    """[BN, BJ, G_PAD] fp32 codewords of codebook m for output rows rn and code groups rj
-    (lanes from G on are 0)."""
-    mask = (rn[:, None] < N) & (rj[None, :] < J)
-    code = tl.load(codes_ptr + (rn[:, None] * J + rj[None, :]) * NUM_CODEBOOKS + m,
-                   mask=mask, other=0).to(tl.int32) & ((1 << NBITS) - 1)   # signed on disk
+def _codewords(books_ptr, code, m, NBITS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr):
+    """[BN, BJ, G_PAD] fp32 codewords of codebook m for the codes [BN, BJ] in the low NBITS
+    bits of `code` (lanes from G on are 0)."""
     rg = tl.arange(0, G_PAD)
-    row = (m << NBITS) + code
+    row = (m << NBITS) + (code & ((1 << NBITS) - 1))     # stored signed: keep the low bits
     return tl.load(books_ptr + row[:, :, None] * G + rg[None, None, :],
                    mask=rg[None, None, :] < G, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _weight_tile(codes_ptr, books_ptr, rn, rj, N, J, NUM_CODEBOOKS: tl.constexpr,
-                 NBITS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr):
-    """[BN, BJ, G_PAD] fp32 tile of W / scale: the sum of every codebook's codewords."""
-    w = _codebook_vectors(codes_ptr, books_ptr, rn, rj, N, J, 0, NUM_CODEBOOKS, NBITS, G, G_PAD)
-    for m in tl.static_range(1, NUM_CODEBOOKS):
-        w += _codebook_vectors(codes_ptr, books_ptr, rn, rj, N, J, m,
-                               NUM_CODEBOOKS, NBITS, G, G_PAD)
+                 NBITS: tl.constexpr, CODE_BITS: tl.constexpr, CODE_WORDS: tl.constexpr,
+                 G: tl.constexpr, G_PAD: tl.constexpr):
+    """[BN, BJ, G_PAD] fp32 tile of W / scale for output rows rn and code groups rj: the sum
+    of every codebook's codewords."""
+    mask = (rn[:, None] < N) & (rj[None, :] < J)
+    groups = rn[:, None] * J + rj[None, :]
+    if CODE_WORDS:  # one load brings a group's M codes, CODE_BITS each (see code_layout)
+        word = tl.load(codes_ptr + groups, mask=mask, other=0)
+        if NUM_CODEBOOKS * CODE_BITS > 32:
+            word = word.to(tl.int64)
+        else:
+            word = word.to(tl.int32)
+        w = _codewords(books_ptr, word, 0, NBITS, G, G_PAD)
+        for m in tl.static_range(1, NUM_CODEBOOKS):
+            w += _codewords(books_ptr, word >> (m * CODE_BITS), m, NBITS, G, G_PAD)
+    else:
+        codes = codes_ptr + groups * NUM_CODEBOOKS
+        w = _codewords(books_ptr, tl.load(codes, mask=mask, other=0).to(tl.int32), 0,
+                       NBITS, G, G_PAD)
+        for m in tl.static_range(1, NUM_CODEBOOKS):
+            code = tl.load(codes + m, mask=mask, other=0).to(tl.int32)
+            w += _codewords(books_ptr, code, m, NBITS, G, G_PAD)
     return w
 
 
@@ -65,7 +78,8 @@ def _split_range(J, BLOCK_J: tl.constexpr, SPLIT_J: tl.constexpr):
 def _codebook_gemv_kernel(
     x_ptr, codes_ptr, books_ptr, scales_ptr, out_ptr,
     M, N, J, stride_xm, stride_om, stride_split,
-    NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+    NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, CODE_BITS: tl.constexpr,
+    CODE_WORDS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_J: tl.constexpr,
 ):
     pid_n, row = tl.program_id(0), tl.program_id(1)
@@ -78,7 +92,8 @@ def _codebook_gemv_kernel(
         x = tl.load(x_ptr + row * stride_xm + rj[:, None] * G + rg[None, :],
                     mask=(rj[:, None] < J) & (rg[None, :] < G),
                     other=0.0).to(tl.float32)                               # [BJ, G_PAD]
-        w = _weight_tile(codes_ptr, books_ptr, rn, rj, N, J, NUM_CODEBOOKS, NBITS, G, G_PAD)
+        w = _weight_tile(codes_ptr, books_ptr, rn, rj, N, J, NUM_CODEBOOKS, NBITS, CODE_BITS,
+                         CODE_WORDS, G, G_PAD)
         acc += tl.sum(w * x[None, :, :], axis=2)
     scale = tl.load(scales_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=1) * scale
@@ -90,7 +105,8 @@ def _codebook_gemv_kernel(
 def _codebook_matmul_kernel(
     x_ptr, codes_ptr, books_ptr, scales_ptr, out_ptr,
     M, N, J, stride_xm, stride_om, stride_split,
-    NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+    NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, CODE_BITS: tl.constexpr,
+    CODE_WORDS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
     SPLIT_J: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
@@ -109,7 +125,8 @@ def _codebook_matmul_kernel(
         x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :],
                     mask=(rm[:, None] < M) & (lane_j[None, :] < J) & (lane_g[None, :] < G),
                     other=0.0)                                              # [BM, BJ*G_PAD]
-        w = _weight_tile(codes_ptr, books_ptr, rn, rj, N, J, NUM_CODEBOOKS, NBITS, G, G_PAD)
+        w = _weight_tile(codes_ptr, books_ptr, rn, rj, N, J, NUM_CODEBOOKS, NBITS, CODE_BITS,
+                         CODE_WORDS, G, G_PAD)
         w = tl.reshape(w, [BLOCK_N, BLOCK_J * G_PAD])
         if DOT_DTYPE == tl.float32:
             acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
@@ -124,13 +141,15 @@ def _codebook_matmul_kernel(
 @triton.jit
 def _codebook_dequant_kernel(
     codes_ptr, books_ptr, scales_ptr, out_ptr, N, J,
-    NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+    NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, CODE_BITS: tl.constexpr,
+    CODE_WORDS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rj = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     rg = tl.arange(0, G_PAD)
-    w = _weight_tile(codes_ptr, books_ptr, rn, rj, N, J, NUM_CODEBOOKS, NBITS, G, G_PAD)
+    w = _weight_tile(codes_ptr, books_ptr, rn, rj, N, J, NUM_CODEBOOKS, NBITS, CODE_BITS,
+                     CODE_WORDS, G, G_PAD)
     scale = tl.load(scales_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     w = w * scale[:, None, None]
     offsets = rn[:, None, None] * (J * G) + rj[None, :, None] * G + rg[None, None, :]
@@ -138,9 +157,31 @@ def _codebook_dequant_kernel(
     tl.store(out_ptr + offsets, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+WORD_DTYPES = {8: torch.int8, 16: torch.int16, 32: torch.int32, 64: torch.int64}
+
+
+def code_layout(num_codebooks: int, nbits: int) -> tuple[int, int | None]:
+    """(bits a code is stored in, bits of the word holding a group's M codes, or None).
+    Where the M codes fill an 8/16/32/64-bit word (1x16, 2x8, 4x8, 2x16), the kernels load
+    that word once instead of M narrow loads, and shift each code out of it."""
+    code_bits = torch.iinfo(code_dtype(nbits)).bits
+    word_bits = num_codebooks * code_bits
+    return code_bits, word_bits if word_bits in WORD_DTYPES else None
+
+
+def kernel_codes(weight) -> torch.Tensor:
+    """The codes as the kernels read them: one word per (row, group) where code_layout
+    allows it (a view, no copy), else as stored."""
+    _, word_bits = code_layout(weight.num_codebooks, weight.nbits)
+    codes = weight.codes.contiguous()
+    return codes if word_bits is None else codes.view(WORD_DTYPES[word_bits])
+
+
 def shape_constexprs(num_codebooks: int, nbits: int, in_group: int) -> dict:
     """The kernels' compile-time codebook shape; a group runs in G_PAD lanes."""
-    return {"NUM_CODEBOOKS": num_codebooks, "NBITS": nbits, "G": in_group,
+    code_bits, word_bits = code_layout(num_codebooks, nbits)
+    return {"NUM_CODEBOOKS": num_codebooks, "NBITS": nbits, "CODE_BITS": code_bits,
+            "CODE_WORDS": word_bits is not None, "G": in_group,
             "G_PAD": triton.next_power_of_2(in_group)}
 
 
@@ -161,7 +202,8 @@ def _launch_gathering(kernel, x: torch.Tensor, weight, config: CodebookTile, blo
     out = buffers.split_outputs(config.split_j, M, N, x.dtype, x.device)
     grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, block_m), config.split_j)
     kernel[grid](
-        x, weight.codes, weight.codebooks, weight.scales, out, M, N, J, x.stride(0), N, M * N,
+        x, kernel_codes(weight), weight.codebooks, weight.scales, out, M, N, J, x.stride(0), N,
+        M * N,
         **shape_constexprs(weight.num_codebooks, weight.nbits, weight.in_group_size),
         BLOCK_N=config.block_n, BLOCK_J=config.block_j, SPLIT_J=config.split_j,
         num_warps=config.num_warps, **constexprs)
@@ -188,7 +230,7 @@ def codebook_dequant(weight, dtype: torch.dtype, config: CodebookTile) -> torch.
     out = buffers.alloc((N, K), buffers.store_dtype(dtype), weight.codes.device)
     grid = (triton.cdiv(N, config.block_n), triton.cdiv(J, config.block_j))
     _codebook_dequant_kernel[grid](
-        weight.codes, weight.codebooks, weight.scales, out, N, J,
+        kernel_codes(weight), weight.codebooks, weight.scales, out, N, J,
         **shape_constexprs(weight.num_codebooks, weight.nbits, weight.in_group_size),
         BLOCK_N=config.block_n, BLOCK_J=config.block_j, num_warps=config.num_warps)
     return out.to(dtype)

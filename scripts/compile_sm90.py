@@ -61,7 +61,8 @@ def codebook_variants(dtypes):
 
     from quant.kernels import tuning
     from quant.kernels.codebook_matmul import (_codebook_dequant_kernel, _codebook_gemv_kernel,
-                                               _codebook_matmul_kernel, shape_constexprs)
+                                               _codebook_matmul_kernel, code_layout,
+                                               shape_constexprs)
 
     defaults = tuning.CODEBOOK_DEFAULTS
     tiles = {  # name: (kernel, tile, split): decode split, the batch-16 and batch-64 tiles
@@ -75,7 +76,8 @@ def codebook_variants(dtypes):
     shapes = [(1, 16, 8), (2, 8, 8), (1, 8, 4), (1, 8, 3), (4, 8, 16), (2, 8, 6)]
     for (m, nbits, g), (dname, dtype), (name, (kernel, tile, split)) in itertools.product(
             shapes, dtypes.items(), tiles.items()):
-        codes = "*i8" if nbits <= 8 else "*i16"
+        code_bits, word_bits = code_layout(m, nbits)
+        codes = f"*i{word_bits or code_bits}"
         weight = {"codes_ptr": codes, "books_ptr": "*fp16", "scales_ptr": "*fp16"}
         constexprs = {**shape_constexprs(m, nbits, g), "BLOCK_N": tile.block_n,
                       "BLOCK_J": tile.block_j}

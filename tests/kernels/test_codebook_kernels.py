@@ -8,8 +8,9 @@ import torch
 
 from quant.formats import CodebookWeight
 from quant.kernels import ops, tuning
-from quant.kernels.codebook_matmul import (codebook_dequant, codebook_dequant_matmul,
-                                           codebook_gemv, codebook_matmul)
+from quant.kernels.codebook_matmul import (code_layout, codebook_dequant,
+                                           codebook_dequant_matmul, codebook_gemv,
+                                           codebook_matmul, kernel_codes)
 from quant.kernels.reference import matmul_reference
 from tests.kernels.numerics import DEVICE, UNIT_ROUNDOFF
 
@@ -37,7 +38,18 @@ def dense64(weight) -> torch.Tensor:
 SHAPES = [  # (N, K, M, B, g): N and groups not multiples of the tiles
     (100, 96, 2, 8, 8), (72, 160, 1, 8, 4), (40, 128, 1, 16, 8), (24, 64, 3, 6, 16),
     (33, 48, 1, 10, 2), (50, 96, 2, 8, 6), (30, 45, 1, 8, 3),  # g6, g3: masked lanes
+    (20, 32, 2, 16, 8), (12, 32, 4, 12, 4),  # codes read as 32- and 64-bit words
 ]
+
+
+def test_codes_are_read_as_words_where_they_fill_one():
+    """(code storage bits, word bits): the M codes of a group in one 8/16/32/64-bit load
+    (3x6 has no such word and is read code by code; SHAPES covers both ways)."""
+    assert [code_layout(m, b) for m, b in [(1, 8), (2, 8), (1, 16), (4, 8), (4, 12), (3, 6)]] \
+        == [(8, 8), (8, 16), (16, 16), (8, 32), (16, 64), (8, None)]
+    weight = random_weight(4, 16, 2, 8, 8)
+    words = kernel_codes(weight)
+    assert words.dtype == torch.int16 and words.data_ptr() == weight.codes.data_ptr()
 
 
 def assert_matches_float64(y, x, w, dtype, name):
