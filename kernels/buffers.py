@@ -17,13 +17,3 @@ def store_dtype(dtype: torch.dtype) -> torch.dtype:
     whose fp32 -> bf16 cast truncates instead of rounding (the launcher casts after)."""
     return torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype
 
-
-def split_outputs(split: int, m: int, n: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """The [split, M, N] output of a kernel whose reduction runs in `split` slices: fp32
-    partial sums when the slices are added afterwards (`add_splits`)."""
-    return alloc((split, m, n), torch.float32 if split > 1 else store_dtype(dtype), device)
-
-
-def add_splits(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The [M, N] result in `dtype` from a `split_outputs` buffer the kernel has filled."""
-    return (out[0] if out.shape[0] == 1 else out.sum(0)).to(dtype)

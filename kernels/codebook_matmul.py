@@ -11,7 +11,8 @@
 - `codebook_dequant_matmul` (prefill): a kernel writes the dense W in the activation
   dtype, then one dense matmul (cuBLAS on a GPU).
 Accumulation is fp32. The two gathering kernels can split the code groups into SPLIT_J
-slices (fp32 partial sums, added by the launcher) so that small layers fill the GPU. A
+slices (fp32 partial sums, added by each tile's last program: splits.py) so that small
+layers fill the GPU. A
 group's M codes are read with one load where they fill a word (2x8: one int16). An
 in-group size g that is not a power of two (1x8 g3) runs in lanes of the next power of
 two, the extra ones masked.
@@ -24,7 +25,7 @@ import triton
 import triton.language as tl
 
 from quant.formats.codebook_weight import code_dtype
-from quant.kernels import buffers
+from quant.kernels import buffers, splits
 from quant.kernels.int_matmul import dot_dtype
 from quant.kernels.tuning import CodebookTile, resolve_split_j
 
@@ -75,8 +76,14 @@ def _split_range(J, BLOCK_J: tl.constexpr, SPLIT_J: tl.constexpr):
 
 
 @triton.jit
+def _tile_id():
+    """This program's output tile (axes 0 and 1 of the grid; axis 2 is the split)."""
+    return tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+
+
+@triton.jit
 def _codebook_gemv_kernel(
-    x_ptr, codes_ptr, books_ptr, scales_ptr, out_ptr,
+    x_ptr, codes_ptr, books_ptr, scales_ptr, out_ptr, partials_ptr, counters_ptr,
     M, N, J, stride_xm, stride_om, stride_split,
     NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, CODE_BITS: tl.constexpr,
     CODE_WORDS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
@@ -96,14 +103,14 @@ def _codebook_gemv_kernel(
                          CODE_WORDS, G, G_PAD)
         acc += tl.sum(w * x[None, :, :], axis=2)
     scale = tl.load(scales_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-    y = tl.sum(acc, axis=1) * scale
-    out = out_ptr + tl.program_id(2) * stride_split + row * stride_om + rn
-    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=rn < N)
+    splits.store_tile(tl.sum(acc, axis=1) * scale, out_ptr, row * stride_om + rn, rn < N,
+                      partials_ptr, counters_ptr, _tile_id(), tl.program_id(2), stride_split,
+                      SPLIT_J)
 
 
 @triton.jit
 def _codebook_matmul_kernel(
-    x_ptr, codes_ptr, books_ptr, scales_ptr, out_ptr,
+    x_ptr, codes_ptr, books_ptr, scales_ptr, out_ptr, partials_ptr, counters_ptr,
     M, N, J, stride_xm, stride_om, stride_split,
     NUM_CODEBOOKS: tl.constexpr, NBITS: tl.constexpr, CODE_BITS: tl.constexpr,
     CODE_WORDS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
@@ -133,9 +140,9 @@ def _codebook_matmul_kernel(
         else:
             acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)))
     scale = tl.load(scales_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-    out = out_ptr + tl.program_id(2) * stride_split + rm[:, None] * stride_om + rn[None, :]
-    tl.store(out, (acc * scale[None, :]).to(out_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    splits.store_tile(acc * scale[None, :], out_ptr, rm[:, None] * stride_om + rn[None, :],
+                      (rm[:, None] < M) & (rn[None, :] < N), partials_ptr, counters_ptr,
+                      _tile_id(), tl.program_id(2), stride_split, SPLIT_J)
 
 
 @triton.jit
@@ -199,15 +206,15 @@ def _launch_gathering(kernel, x: torch.Tensor, weight, config: CodebookTile, blo
     M, N = x.shape[0], weight.out_features
     J = weight.in_features // weight.in_group_size
     config = resolve_split_j(config, triton.cdiv(M, block_m), N, J, x.device)
-    out = buffers.split_outputs(config.split_j, M, N, x.dtype, x.device)
     grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, block_m), config.split_j)
+    out = splits.split_buffers(config.split_j, M, N, grid[0] * grid[1], x.dtype, x.device)
     kernel[grid](
-        x, kernel_codes(weight), weight.codebooks, weight.scales, out, M, N, J, x.stride(0), N,
-        M * N,
+        x, kernel_codes(weight), weight.codebooks, weight.scales, *out, M, N, J, x.stride(0),
+        N, M * N,
         **shape_constexprs(weight.num_codebooks, weight.nbits, weight.in_group_size),
         BLOCK_N=config.block_n, BLOCK_J=config.block_j, SPLIT_J=config.split_j,
         num_warps=config.num_warps, **constexprs)
-    return buffers.add_splits(out, x.dtype)
+    return splits.finish(out, x.dtype)
 
 
 def codebook_gemv(x: torch.Tensor, weight, config: CodebookTile) -> torch.Tensor:

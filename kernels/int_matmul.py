@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quant.kernels import buffers
+from quant.kernels import splits
 from quant.kernels.int_tiles import dequant_tile
 from quant.kernels.tuning import TileConfig, interpreting, resolve_split_k
 
@@ -23,6 +23,8 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 def _int_matmul_kernel(
     # tensors
     x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr,
+    # split-K (see splits.py)
+    partials_ptr, counters_ptr,
     # sizes and strides
     M, N, K, stride_xm, stride_om, stride_split,
     # format
@@ -59,8 +61,9 @@ def _int_matmul_kernel(
         else:
             acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE))
 
-    out = out_ptr + pid_k * stride_split + rm[:, None] * stride_om + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    splits.store_tile(acc, out_ptr, rm[:, None] * stride_om + rn[None, :],
+                      (rm[:, None] < M) & (rn[None, :] < N), partials_ptr, counters_ptr, pid,
+                      pid_k, stride_split, SPLIT_K)
 
 
 def dot_dtype(dtype: torch.dtype):
@@ -84,14 +87,14 @@ def int_matmul(x: torch.Tensor, weight, config: TileConfig) -> torch.Tensor:
     g_idx = weight.g_idx if weight.g_idx is not None else weight.qweight  # unused pointer
     # 2. allocate: fp32 partial sums for split-K
     split = config.split_k
-    out = buffers.split_outputs(split, M, N, x.dtype, x.device)
+    tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
+    out = splits.split_buffers(split, M, N, tiles, x.dtype, x.device)
     # 3. launch
-    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), split)
-    _int_matmul_kernel[grid](
-        x, weight.qweight, weight.qzeros, weight.scales, g_idx, out,
-        M, N, K, x.stride(0), N, M * N,
+    _int_matmul_kernel[(tiles, split)](
+        x, weight.qweight, weight.qzeros, weight.scales, g_idx, *out, M, N, K, x.stride(0), N,
+        M * N,
         BITS=weight.bits, GROUP_SIZE=group_size, HAS_G_IDX=weight.g_idx is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SPLIT_K=split, GROUP_M=config.group_m, DOT_DTYPE=dot_dtype(x.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages)
-    return buffers.add_splits(out, x.dtype)
+    return splits.finish(out, x.dtype)

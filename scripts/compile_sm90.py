@@ -34,8 +34,7 @@ def variants():
         cfg = tuning.fit_block_k(cfg, group)
         split = 2 if cname == "gemv" else 1
         signature = {"x_ptr": f"*{dname}", "qweight_ptr": "*i32", "qzeros_ptr": "*i32",
-                     "scales_ptr": "*fp16", "g_idx_ptr": "*i32",
-                     "out_ptr": "*fp32" if split > 1 else f"*{dname}",
+                     "scales_ptr": "*fp16", "g_idx_ptr": "*i32", **split_outputs(dname),
                      "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
                      "stride_om": "i32", "stride_split": "i32"}
         constexprs = {"BITS": bits, "GROUP_SIZE": group, "HAS_G_IDX": g_idx,
@@ -84,8 +83,7 @@ def codebook_variants(dtypes):
         if name == "gemm":
             signature = {**weight, "out_ptr": f"*{dname}", "N": "i32", "J": "i32"}
         else:
-            signature = {"x_ptr": f"*{dname}", **weight,
-                         "out_ptr": "*fp32" if split > 1 else f"*{dname}", "M": "i32",
+            signature = {"x_ptr": f"*{dname}", **weight, **split_outputs(dname), "M": "i32",
                          "N": "i32", "J": "i32", "stride_xm": "i32", "stride_om": "i32",
                          "stride_split": "i32"}
             constexprs["SPLIT_J"] = split
@@ -93,6 +91,11 @@ def codebook_variants(dtypes):
             constexprs.update(BLOCK_M=tile.block_m, DOT_DTYPE=dtype)
         yield (f"codebook_{name}/{m}x{nbits}/g{g}/{dname}", kernel, signature, constexprs,
                {"num_warps": tile.num_warps, "num_stages": 1})
+
+
+def split_outputs(dname: str) -> dict:
+    """The output arguments of a kernel whose reduction may be split (kernels/splits.py)."""
+    return {"out_ptr": f"*{dname}", "partials_ptr": "*fp32", "counters_ptr": "*i32"}
 
 
 def launch_hints(kernel, signature) -> dict:
