@@ -128,11 +128,12 @@ def run_quantize(args) -> int:
               f"{d['seconds']:.0f} s)")
     if not args.no_eval:
         device = resolve_device(args.device)
-        fp = evaluate_ppl(args.model, device=device)
+        fp = evaluate_ppl(args.model, device=device, reuse_fp=True)
         q = evaluate_ppl(str(out), device=device)
         record(out, fp)
         print(f"perplexity wiki-demo (seqlen {q['seqlen']}, {q['windows']} windows): "
-              f"fp {fp['ppl']:.3f} -> quantized {q['ppl']:.3f}")
+              f"fp {fp['ppl']:.3f}{' (measured by an earlier run)' if fp.get('cached') else ''}"
+              f" -> quantized {q['ppl']:.3f}")
     print(f"load it with: quant.load({str(out)!r})")
     return 0
 
