@@ -32,7 +32,8 @@ DRY_RUN_SCALE = 64
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--bits", type=int, nargs="*", default=[2, 3, 4],
+                   help="int widths to bench (writes <device>-int.json); none: skip")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--batches", type=int, nargs="+", default=BATCHES)
     p.add_argument("--tune", action="store_true", help="sweep tile configs, store the best")
@@ -278,22 +279,38 @@ def markdown(result: dict) -> str:
                  ["bits", *TIMING_HEADER, "% copy BW"], rows)
 
 
-def store_tuned(result: dict, codebook_result: dict | None, device_name: str) -> Path:
-    """Write the tuned winners of both benchmarks to kernels/configs/<device>.json."""
+def store_tuned(result: dict | None, codebook_result: dict | None, device_name: str) -> Path:
+    """Merge the tuned winners of both benchmarks into kernels/configs/<device>.json: an
+    entry for the same (format, shape, rows bucket) is replaced, others are kept, so the
+    int and codebook sweeps can run separately."""
     from quant.kernels.tuning import CONFIG_DIR, gpu_slug, rows_bucket
 
-    def entries(cases, keys):
-        return [{**{key: c[key] for key in keys}, "rows": rows_bucket(c["rows"]),
-                 "impl": c["tuned"]["impl"], "config": c["tuned"]["config"]}
-                for c in cases if c.get("tuned")]
+    def merged(old, cases, keys):
+        table = {tuple(e[key] for key in (*keys, "rows")): e for e in old}
+        for c in cases:
+            if c.get("tuned"):
+                entry = {**{key: c[key] for key in keys}, "rows": rows_bucket(c["rows"]),
+                         "impl": c["tuned"]["impl"], "config": c["tuned"]["config"]}
+                table[tuple(entry[key] for key in (*keys, "rows"))] = entry
+        return list(table.values())
 
-    codebook_cases = codebook_result["cases"] if codebook_result else []
     path = CONFIG_DIR / f"{gpu_slug(device_name)}.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
     path.write_text(json.dumps({
-        "device": device_name, "entries": entries(result["cases"], ("bits", "n", "k")),
-        "codebook_entries": entries(codebook_cases, ("codebooks", "n", "groups"))},
-        indent=1) + "\n")
+        "device": device_name,
+        "entries": merged(old.get("entries", []), (result or {}).get("cases", []),
+                          ("bits", "n", "k")),
+        "codebook_entries": merged(old.get("codebook_entries", []),
+                                   (codebook_result or {}).get("cases", []),
+                                   ("codebooks", "n", "groups"))}, indent=1) + "\n")
     return path
+
+
+def write_result(stem: Path, result: dict, render) -> None:
+    """STEM.json and its Markdown rendering STEM.md, which is also printed."""
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(render(result))
+    print(stem.with_suffix(".md").read_text())
 
 
 def main(argv=None) -> int:
@@ -313,21 +330,20 @@ def main(argv=None) -> int:
     sweep_timer = make_timer(args.dry_run, rep_ms=25) if args.tune else None
     group = args.group_size if not args.dry_run else min(args.group_size, 64)
     shapes = [(n // scale, max(group, k // scale // group * group)) for n, k in SHAPES]
-    cases = []
-    for bits, (n, k), rows in itertools.product(args.bits, shapes, args.batches):
-        cases.append(bench_case(bits, n, k, rows, group, device, timer, sweep_timer))
-        c = cases[-1]
-        print(f"b{bits} {n}x{k} rows {rows}: {c['ms']:.4f} ms ({c['impl']}), fp16 "
-              f"{c['fp16_ms']:.4f} ms, {c['speedup_vs_fp16']:.2f}x", file=sys.stderr)
-    result = {"device": device_name, "dry_run": args.dry_run, "group_size": group,
-              "torch": torch.__version__, "triton": __import__("triton").__version__,
-              "copy_gbps": copy_bandwidth(device, timer, (1 << 20 if args.dry_run else 1 << 30)),
-              "cases": cases}
+    meta = {"device": device_name, "dry_run": args.dry_run, "group_size": group,
+            "torch": torch.__version__, "triton": __import__("triton").__version__,
+            "copy_gbps": copy_bandwidth(device, timer, (1 << 20 if args.dry_run else 1 << 30))}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{gpu_slug(device_name)}-int"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(stem.with_suffix(".md").read_text())
+    result = None
+    if args.bits:
+        cases = []
+        for bits, (n, k), rows in itertools.product(args.bits, shapes, args.batches):
+            cases.append(bench_case(bits, n, k, rows, group, device, timer, sweep_timer))
+            c = cases[-1]
+            print(f"b{bits} {n}x{k} rows {rows}: {c['ms']:.4f} ms ({c['impl']}), fp16 "
+                  f"{c['fp16_ms']:.4f} ms, {c['speedup_vs_fp16']:.2f}x", file=sys.stderr)
+        result = {**meta, "cases": cases}
+        write_result(args.out / f"{gpu_slug(device_name)}-int", result, markdown)
     codebook_result = None
     if args.codebooks:
         codebook_cases = []
@@ -337,12 +353,9 @@ def main(argv=None) -> int:
             codebook_cases.append(c)
             print(f"{shape} {n}x{c['k']} rows {rows}: {c['ms']:.4f} ms ({c['impl']}), fp16 "
                   f"{c['fp16_ms']:.4f} ms, {c['speedup_vs_fp16']:.2f}x", file=sys.stderr)
-        stem = args.out / f"{gpu_slug(device_name)}-codebook"
-        codebook_result = {**{k: v for k, v in result.items() if k != "cases"},
-                           "cases": codebook_cases}
-        stem.with_suffix(".json").write_text(json.dumps(codebook_result, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(codebook_markdown(codebook_result))
-        print(stem.with_suffix(".md").read_text())
+        codebook_result = {**meta, "cases": codebook_cases}
+        write_result(args.out / f"{gpu_slug(device_name)}-codebook", codebook_result,
+                     codebook_markdown)
     if args.tune and not args.dry_run:
         print(f"tuned configs: {store_tuned(result, codebook_result, device_name)}",
               file=sys.stderr)

@@ -13,6 +13,9 @@
 #   kernels   scripts/bench_kernels.py: its int and codebook rows against fp16
 #   tune      the same with --tune for 4-bit and the paper's two codebook shapes at
 #             batch 1 and 16: the winning tiles, kernels/configs/<gpu>.json, land in OUTDIR
+#             (tune-int and tune-codebook run one half each, for two calls where one
+#             would pass the time limit: commit the first half's configs file before the
+#             second, which merges into it)
 #   quantize  scripts/bench_quantize.py on random Llama-7B-shaped blocks: GPTQ 4-bit g128
 #             (two blocks), AQLM 1x16 g8 (one block, then distillation)
 # DRY_RUN=1 runs a stage's wiring on a CPU (interpreted kernels, tiny shapes; after
@@ -22,7 +25,7 @@
 # says whether any failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: scripts/gpu_suite.sh prepare [PYVER] | tests|kernels|tune|quantize OUTDIR}
+stage=${1:?usage: scripts/gpu_suite.sh prepare [PYVER] | tests|kernels|tune[-int|-codebook]|quantize OUTDIR}
 PACKAGES=(transformers datasets gguf dill multiprocess)  # absent or too old in the image
 
 prepare() {
@@ -89,9 +92,15 @@ case $stage in
     kernels)
         step kernels.log python3 scripts/bench_kernels.py "${dry[@]}" --out "$out"
         ;;
-    tune)
-        step tune.log python3 scripts/bench_kernels.py "${dry[@]}" --tune --bits 4 \
-            --batches 1 16 --codebooks 1x16g8 2x8g8 --out "$out"
+    tune|tune-int|tune-codebook)  # each part merges its winners into the configs file
+        if [[ $stage != tune-codebook ]]; then
+            step tune-int.log python3 scripts/bench_kernels.py "${dry[@]}" --tune --bits 4 \
+                --batches 1 16 --codebooks --out "$out"
+        fi
+        if [[ $stage != tune-int ]]; then
+            step tune-codebook.log python3 scripts/bench_kernels.py "${dry[@]}" --tune --bits \
+                --batches 1 16 --codebooks 1x16g8 2x8g8 --out "$out"
+        fi
         cp kernels/configs/*.json "$out/" 2>/dev/null || echo "no tuned configs written"
         ;;
     quantize)
@@ -102,7 +111,7 @@ case $stage in
             --blocks 1 "${aqlm_shape[@]}" --out "$out/quantize-aqlm.json"
         ;;
     *)
-        echo "unknown stage $stage (prepare, tests, kernels, tune, quantize)" >&2
+        echo "unknown stage $stage (prepare, tests, kernels, tune[-int|-codebook], quantize)" >&2
         exit 2
         ;;
 esac

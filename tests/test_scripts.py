@@ -70,6 +70,17 @@ def test_tuned_configs_round_trip(tmp_path, monkeypatch):
     assert tuning.load_tuned(path) == {
         "int": {(4, 4096, 4096, 4): ("fused", tuning.TileConfig(**cfg))},
         "codebook": {("1x16g8", 11008, 512, 1): ("gemv", tile)}}
+    # a later codebook-only sweep replaces its own entries and keeps the others
+    faster = tuning.CodebookTile(16, 16, split_j=1)
+    later = {"cases": [{"codebooks": "1x16g8", "n": 11008, "groups": 512, "rows": 1,
+                        "tuned": bench.tuned_record(("fused", faster, 0.005))},
+                       {"codebooks": "2x8g8", "n": 4096, "groups": 512, "rows": 16,
+                        "tuned": bench.tuned_record(("fused", tile, 0.01))}]}
+    assert bench.store_tuned(None, later, "NVIDIA H100 80GB HBM3") == path
+    assert tuning.load_tuned(path) == {
+        "int": {(4, 4096, 4096, 4): ("fused", tuning.TileConfig(**cfg))},
+        "codebook": {("1x16g8", 11008, 512, 1): ("fused", faster),
+                     ("2x8g8", 4096, 512, 16): ("fused", tile)}}
     assert all(c.block_k <= 128 and 128 % c.block_k == 0 for c in bench.candidates(1, 128))
     assert {c.block_m for c in bench.candidates(64, 128)} == {32, 64, 128}
 
