@@ -21,17 +21,26 @@ from quant.eval.perplexity import perplexity
 EVAL_FILE = "eval.json"
 
 
-def load_model(spec: str | None, device: torch.device, allow_pickle: bool = False):
-    """(model, tokenizer, is_quantized) for a checkpoint dir, a local model or a demo alias."""
+def locate(spec: str | None) -> tuple[Path, bool]:
+    """(directory, whether it is a lowbit checkpoint) for a checkpoint dir, a local model,
+    a hub id or a demo alias."""
+    path = Path(spec) if spec else None
+    if path is not None and path.is_dir() and checkpoint.is_lowbit_checkpoint(path):
+        return path, True
+    return models.resolve(spec), False
+
+
+def load_model(source: Path, quantized: bool, device: torch.device,
+               allow_pickle: bool = False):
+    """(model, tokenizer) from a directory `locate` found."""
     import quant
 
     dtype = torch.float32 if device.type == "cpu" else torch.float16
-    path = Path(spec) if spec else None
-    if path is not None and path.is_dir() and checkpoint.is_lowbit_checkpoint(path):
-        return quant.load(path, device=device, dtype=dtype), models.load_tokenizer(path), True
-    source = models.resolve(spec)
-    model = models.load_fp(source, dtype, allow_pickle)
-    return model.to(device), models.load_tokenizer(source), False
+    if quantized:
+        model = quant.load(source, device=device, dtype=dtype)
+    else:
+        model = models.load_fp(source, dtype, allow_pickle).to(device)
+    return model, models.load_tokenizer(source)
 
 
 def evaluate_ppl(spec: str | None, dataset: str = "wiki-demo", seqlen: int = 512,
@@ -41,35 +50,33 @@ def evaluate_ppl(spec: str | None, dataset: str = "wiki-demo", seqlen: int = 512
     """Perplexity of a checkpoint or an fp model; with `reuse_fp`, an fp model's result
     measured before under the same conditions is returned instead (marked "cached")."""
     data.check_dataset_name(dataset)
-    cached = None if _is_checkpoint(spec) else fp_cache_file(spec, dataset, seqlen, device)
-    if reuse_fp and cached is not None:
-        earlier = _read_cached(cached)
+    started = time.time()
+    source, quantized = locate(spec)
+    cache_file = None if quantized else fp_cache_file(source, dataset, seqlen, device)
+    if reuse_fp and cache_file is not None:
+        earlier = _read_cached(cache_file)
         if earlier is not None:
             return {**earlier, "cached": True}
-    started = time.time()
-    model, tokenizer, quantized = load_model(spec, device, allow_pickle)
+    model, tokenizer = load_model(source, quantized, device, allow_pickle)
     windows = data.eval_windows(dataset, tokenizer, seqlen)
     ppl = perplexity(model, windows, batch_size=batch_size, progress=progress)
     result = {"model": spec or "smollm2-135m", "quantized": quantized, "metric": "perplexity",
               "dataset": dataset, "seqlen": seqlen, "windows": len(windows), "ppl": ppl,
               "device": str(device), "seconds": round(time.time() - started, 2)}
     if quantized:
-        record(Path(spec), result)
+        record(source, result)
     else:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_json(cached, result)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_json(cache_file, result)
     return result
 
 
-def _is_checkpoint(spec: str | None) -> bool:
-    return spec is not None and Path(spec).is_dir() and checkpoint.is_lowbit_checkpoint(Path(spec))
-
-
-def fp_cache_file(spec: str | None, dataset: str, seqlen: int, device: torch.device) -> Path:
-    """Where the fp result for these conditions is kept: named by a hash of the model's
-    files (name, size, modification time), the data set (a local file's too), the window
-    length, the device type (fp32 on CPU, fp16 on GPU), the library versions and the code
-    that makes the windows and the perplexity (an edited checkout measures again)."""
+def fp_cache_file(source: Path | str, dataset: str, seqlen: int, device: torch.device) -> Path:
+    """Where the fp result for these conditions is kept: named by a hash of the files of
+    the model directory `source` (name, size, modification time), the data set (a local
+    file's too), the window length, the device type (fp32 on CPU, fp16 on GPU), the library
+    versions and the code that makes the windows and the perplexity (an edited checkout
+    measures again)."""
     import transformers
 
     from quant.eval import perplexity as perplexity_module
@@ -78,8 +85,7 @@ def fp_cache_file(spec: str | None, dataset: str, seqlen: int, device: torch.dev
     def stat(path: Path) -> list:
         return [path.name, path.stat().st_size, path.stat().st_mtime_ns]
 
-    source = models.resolve(spec)
-    key = {"files": [stat(p) for p in sorted(source.iterdir()) if p.is_file()],
+    key = {"files": [stat(p) for p in sorted(Path(source).iterdir()) if p.is_file()],
            "dataset": [dataset, *(stat(Path(dataset)) if Path(dataset).is_file() else [])],
            "seqlen": seqlen, "device": torch.device(device).type,
            "versions": [torch.__version__, transformers.__version__, version()],

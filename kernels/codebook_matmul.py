@@ -12,13 +12,14 @@
   dtype, then one dense matmul (cuBLAS on a GPU).
 Accumulation is fp32. The two gathering kernels can split the code groups into SPLIT_J
 slices (fp32 partial sums, added by each tile's last program: splits.py) so that small
-layers fill the GPU. A
-group's M codes are read with one load where they fill a word (2x8: one int16). An
-in-group size g that is not a power of two (1x8 g3) runs in lanes of the next power of
-two, the extra ones masked.
+layers fill the GPU. A group's M codes are read with one load where they fill a word (2x8:
+one int16). An in-group size g that is not a power of two (1x8 g3) runs in lanes of the
+next power of two, the extra ones masked.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -54,16 +55,14 @@ def _weight_tile(codes_ptr, books_ptr, rn, rj, N, J, NUM_CODEBOOKS: tl.constexpr
             word = word.to(tl.int64)
         else:
             word = word.to(tl.int32)
-        w = _codewords(books_ptr, word, 0, NBITS, G, G_PAD)
-        for m in tl.static_range(1, NUM_CODEBOOKS):
-            w += _codewords(books_ptr, word >> (m * CODE_BITS), m, NBITS, G, G_PAD)
-    else:
-        codes = codes_ptr + groups * NUM_CODEBOOKS
-        w = _codewords(books_ptr, tl.load(codes, mask=mask, other=0).to(tl.int32), 0,
-                       NBITS, G, G_PAD)
-        for m in tl.static_range(1, NUM_CODEBOOKS):
-            code = tl.load(codes + m, mask=mask, other=0).to(tl.int32)
-            w += _codewords(books_ptr, code, m, NBITS, G, G_PAD)
+    w = tl.zeros([rn.shape[0], rj.shape[0], G_PAD], dtype=tl.float32)
+    for m in tl.static_range(NUM_CODEBOOKS):
+        if CODE_WORDS:
+            code = word >> (m * CODE_BITS)
+        else:
+            code = tl.load(codes_ptr + groups * NUM_CODEBOOKS + m, mask=mask,
+                           other=0).to(tl.int32)
+        w += _codewords(books_ptr, code, m, NBITS, G, G_PAD)
     return w
 
 
@@ -167,6 +166,7 @@ def _codebook_dequant_kernel(
 WORD_DTYPES = {8: torch.int8, 16: torch.int16, 32: torch.int32, 64: torch.int64}
 
 
+@functools.cache  # called on every launch
 def code_layout(num_codebooks: int, nbits: int) -> tuple[int, int | None]:
     """(bits a code is stored in, bits of the word holding a group's M codes, or None).
     Where the M codes fill an 8/16/32/64-bit word (1x16, 2x8, 4x8, 2x16), the kernels load
@@ -184,6 +184,7 @@ def kernel_codes(weight) -> torch.Tensor:
     return codes if word_bits is None else codes.view(WORD_DTYPES[word_bits])
 
 
+@functools.cache  # called on every launch; callers unpack it into their own dict
 def shape_constexprs(num_codebooks: int, nbits: int, in_group: int) -> dict:
     """The kernels' compile-time codebook shape; a group runs in G_PAD lanes."""
     code_bits, word_bits = code_layout(num_codebooks, nbits)

@@ -40,9 +40,12 @@ def store_tile(acc, out_ptr, offsets, mask, partials_ptr, counters_ptr, tile, sp
             tl.atomic_xchg(counters_ptr + tile, 0)  # ready for the next launch
 
 
-class SplitBuffers(NamedTuple):  # in the kernels' argument order
+class SplitBuffers(NamedTuple):
+    """A split kernel's output arguments, in its argument order. At SPLIT 1 the kernel uses
+    only `out`, and `partials` and `counters` are `out` too (nothing else is allocated)."""
+
     out: torch.Tensor        # [M, N] in the kernel's store dtype
-    partials: torch.Tensor   # [SPLIT, M, N] fp32 (the output itself when SPLIT is 1)
+    partials: torch.Tensor   # [SPLIT, M, N] fp32
     counters: torch.Tensor   # int32 zeros, one per output tile
 
 

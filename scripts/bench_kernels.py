@@ -286,13 +286,11 @@ def store_tuned(result: dict | None, codebook_result: dict | None, device_name: 
     from quant.kernels.tuning import CONFIG_DIR, gpu_slug, rows_bucket
 
     def merged(old, cases, keys):
-        table = {tuple(e[key] for key in (*keys, "rows")): e for e in old}
-        for c in cases:
-            if c.get("tuned"):
-                entry = {**{key: c[key] for key in keys}, "rows": rows_bucket(c["rows"]),
-                         "impl": c["tuned"]["impl"], "config": c["tuned"]["config"]}
-                table[tuple(entry[key] for key in (*keys, "rows"))] = entry
-        return list(table.values())
+        new = [{**{key: c[key] for key in keys}, "rows": rows_bucket(c["rows"]),
+                "impl": c["tuned"]["impl"], "config": c["tuned"]["config"]}
+               for c in cases if c.get("tuned")]
+        table = {tuple(e[key] for key in (*keys, "rows")): e for e in old + new}
+        return list(table.values())  # a new entry replaces an old one with its key
 
     path = CONFIG_DIR / f"{gpu_slug(device_name)}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
