@@ -106,7 +106,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int, sym: b
 
 @dataclass(frozen=True)
 class GPTQConfig(IntGridOptions):
-    # On by default: on the demo model it takes 4-bit g64 from 9.66 to 8.94 perplexity
+    # On by default: on the demo model it takes 4-bit g64 from 9.61 to 8.94 perplexity
     # (benchmarks/gptq-demo-cpu.json); --no-act-order drops the g_idx it stores.
     act_order: bool = field(default=True, metadata={
         "help": "quantize columns by descending Hessian diagonal (desc_act; stores g_idx); "
