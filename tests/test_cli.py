@@ -133,3 +133,18 @@ def test_help_of_a_shared_option_gives_every_method_s_meaning():
     for cls in METHODS.values():
         bits = {f.name: f for f in dataclasses.fields(cls.Config)}["bits"]
         assert squeeze(bits.metadata["help"]) in text, cls
+
+
+def test_two_bit_integer_grids_point_to_aqlm(work, tiny_dir, capsys):
+    """A 2-bit rtn/gptq run still runs, after one line saying it ruins most models."""
+    from quant.cli import quantize_main
+
+    assert quantize_main([str(tiny_dir), "--bits", "2", "--out", str(work / "out"), "--no-eval",
+                          "--nsamples", "2", "--seqlen", "32"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "--method aqlm --bits 2" in notes[0]
+    assert (work / "out" / "model.safetensors").exists()
+    for name in ("rtn", "gptq"):
+        assert METHODS[name].Config(bits=2).caution() is not None
+        assert METHODS[name].Config(bits=3).caution() is None
+    assert not hasattr(METHODS["aqlm"].Config(), "caution")
