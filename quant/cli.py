@@ -101,6 +101,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
 def run_quantize(args) -> int:
     from quant.data import CalibConfig
     from quant.eval.evaluate import evaluate_ppl, record
+    from quant.info import distill_line
     from quant.methods import get_method, make_method
     from quant.pipeline import QuantizeJob, quantize, resolve_device
 
@@ -126,10 +127,7 @@ def run_quantize(args) -> int:
     schemes = collections.Counter(layer.get("scheme", "?") for layer in report["layers"].values())
     print("layer formats: " + ", ".join(f"{n} x {s}" for s, n in schemes.most_common()))
     if "distill" in report:
-        d = report["distill"]
-        print(f"distillation: KL to the fp model per token {d['kl_before']:.4f} -> "
-              f"{d['kl_after']:.4f} on held-out calibration sequences ({d['steps']} steps, "
-              f"{d['seconds']:.0f} s)")
+        print(distill_line(report["distill"]))
     if not args.no_eval:
         device = resolve_device(args.device)
         fp = evaluate_ppl(args.model, device=device, reuse_fp=True)

@@ -17,7 +17,7 @@ def describe(directory: Path) -> dict:
     shapes = {name: r["shape"] for name, r in report.get("layers", {}).items()}
     layers, quant_bits, quant_weights = [], 0, 0
     for name, config in qc["modules"].items():
-        entry = {"name": name, **config}
+        entry = {"name": name, **config, "scheme": format_class(config).describe(config)}
         if name in shapes:
             out_features, in_features = shapes[name]
             bits = stored_bits(format_class(config).tensor_specs(out_features, in_features, config))
@@ -37,19 +37,16 @@ def describe(directory: Path) -> dict:
             "model_bits_per_weight": 8 * on_disk / (quant_weights + other_params)
             if quant_weights else None,
             "parameters": quant_weights + other_params, "bytes_on_disk": on_disk,
-            "files": [f.name for f in files]}
+            "files": [f.name for f in files], "distill": report.get("distill")}
 
 
 def render(summary: dict) -> str:
-    rows = [f"{'layer':<44} {'format':<6} {'bits':>4} {'group':>6} {'sym':>5} {'act':>5} "
-            f"{'bpw':>7} {'out_mse':>9}"]
+    rows = [f"{'layer':<44} {'scheme':<22} {'bpw':>7} {'out_mse':>9}"]
     for layer in summary["layers"]:
         mse = layer.get("rel_output_mse")
-        rows.append(
-            f"{layer['name']:<44} {layer['format']:<6} {layer.get('bits', '-'):>4} "
-            f"{layer.get('group_size', '-'):>6} {str(layer.get('sym', '-')):>5} "
-            f"{str(layer.get('act_order', '-')):>5} {layer.get('bits_per_weight', float('nan')):>7.3f} "
-            f"{'-' if mse is None else format(mse, '.2e'):>9}")
+        rows.append(f"{layer['name']:<44} {layer['scheme']:<22} "
+                    f"{layer.get('bits_per_weight', float('nan')):>7.3f} "
+                    f"{'-' if mse is None else format(mse, '.2e'):>9}")
     q_bpw, m_bpw = summary["quantized_bits_per_weight"], summary["model_bits_per_weight"]
     rows += ["",
              f"method: {summary['method']}   quantized layers: {summary['quantized_layers']}",
@@ -57,4 +54,14 @@ def render(summary: dict) -> str:
              f"{summary['parameters'] / 1e6:.1f}M parameters" if q_bpw else "bits per weight: unknown",
              f"size on disk: {summary['bytes_on_disk'] / 2**20:.1f} MiB in "
              f"{', '.join(summary['files'])}"]
+    if summary.get("distill"):
+        rows += [distill_line(summary["distill"]),
+                 "(out_mse: each layer's output error when it was quantized, before distillation)"]
     return "\n".join(rows)
+
+
+def distill_line(d: dict) -> str:
+    """One line for a report's `distill` entry."""
+    return (f"distillation: KL to the fp model per token {d['kl_before']:.4f} -> "
+            f"{d['kl_after']:.4f} on held-out calibration sequences ({d['steps']} steps, "
+            f"{d['seconds']:.0f} s)")

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -100,6 +101,12 @@ def test_aqlm_cli_reports_the_chosen_shapes(tmp_path, tiny_dir):
     assert proc.returncode == 0, proc.stderr
     assert "layer formats:" in proc.stdout and "bits/weight" in proc.stdout
     assert "distillation: KL to the fp model" in proc.stdout  # on by default
+    info = run("info", str(tmp_path / "c"))
+    report = json.loads((tmp_path / "c" / "quant_report.json").read_text())
+    for name, entry in report["layers"].items():  # the shape the method chose, per layer
+        assert re.search(rf"{re.escape(name)}\s+{entry['codebooks']} g{entry['in_group']}\s",
+                         info.stdout), name
+    assert "before distillation" in info.stdout
     assert_user_error(run("quantize", str(tiny_dir), "--method", "aqlm", "--codebooks", "1x16",
                           "--no-eval", "--out", str(tmp_path / "d")), "larger than the")
 

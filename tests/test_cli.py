@@ -121,6 +121,7 @@ def test_eval_and_info(small_ckpt, tmp_path):
     assert summary["bytes_on_disk"] == (small_ckpt / "model.safetensors").stat().st_size
     text = run("info", str(small_ckpt)).stdout
     assert "model.layers.1.mlp.down_proj" in text and "bits per weight" in text
+    assert text.count(" int4 g32 ") == 14 and "act-order" not in text
     assert_user_error(run("info", str(tmp_path)), "not a model directory")
 
 

@@ -116,7 +116,13 @@ class CodebookWeight:
 
     @property
     def name(self) -> str:
-        return f"{self.num_codebooks}x{self.nbits} g{self.in_group_size}"
+        return self.describe(self.config)
+
+    @staticmethod
+    def describe(config: dict) -> str:
+        """A layer's scheme in a few words, from its module config: "1x16 g8"."""
+        return (f"{config['num_codebooks']}x{config['nbits_per_codebook']} "
+                f"g{config['in_group_size']}")
 
     @property
     def bits_per_weight(self) -> float:

@@ -69,8 +69,14 @@ class IntWeight:
 
     @property
     def name(self) -> str:
-        group = "channel" if self.group_size == -1 else f"g{self.group_size}"
-        return f"int{self.bits} {group}" + (" act-order" if self.g_idx is not None else "")
+        return self.describe(self.config)
+
+    @staticmethod
+    def describe(config: dict) -> str:
+        """A layer's scheme in a few words, from its module config: "int4 g128 act-order"."""
+        group = "channel" if config["group_size"] == -1 else f"g{config['group_size']}"
+        return " ".join([f"int{config['bits']}", group] + ["sym"] * bool(config.get("sym"))
+                        + ["act-order"] * bool(config.get("act_order")))
 
     @property
     def bits_per_weight(self) -> float:
