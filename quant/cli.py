@@ -102,17 +102,16 @@ def run_quantize(args) -> int:
     from quant.data import CalibConfig
     from quant.eval.evaluate import evaluate_ppl, record
     from quant.info import distill_line
-    from quant.methods import get_method, make_method
+    from quant.methods import make_method
     from quant.pipeline import QuantizeJob, quantize, resolve_device
 
-    method_cls = get_method(args.method)
     options = method_options(args)
-    config = make_method(args.method, **options).config  # bad options fail before any work
-    caution = getattr(config, "caution", lambda: None)()
+    method = make_method(args.method, **options)  # bad options fail before any work
+    caution = getattr(method.config, "caution", lambda: None)()
     if caution:
         print(f"note: {caution}", file=sys.stderr)
     nsamples = args.nsamples if args.nsamples is not None else \
-        getattr(method_cls, "default_nsamples", CalibConfig.nsamples)
+        getattr(method, "default_nsamples", CalibConfig.nsamples)
     job = QuantizeJob(
         method=args.method, method_options=options, model=args.model,
         calib=CalibConfig(args.calib, nsamples, args.seqlen, args.seed), out=args.out,

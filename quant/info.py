@@ -17,10 +17,11 @@ def describe(directory: Path) -> dict:
     shapes = {name: r["shape"] for name, r in report.get("layers", {}).items()}
     layers, quant_bits, quant_weights = [], 0, 0
     for name, config in qc["modules"].items():
-        entry = {"name": name, **config, "scheme": format_class(config).describe(config)}
+        fmt = format_class(config)
+        entry = {"name": name, **config, "scheme": fmt.describe(config)}
         if name in shapes:
             out_features, in_features = shapes[name]
-            bits = stored_bits(format_class(config).tensor_specs(out_features, in_features, config))
+            bits = stored_bits(fmt.tensor_specs(out_features, in_features, config))
             entry.update(shape=shapes[name], bits_per_weight=bits / (out_features * in_features))
             quant_bits, quant_weights = quant_bits + bits, quant_weights + out_features * in_features
         if "rel_output_mse" in report.get("layers", {}).get(name, {}):

@@ -336,8 +336,8 @@ def main(argv=None) -> int:
     if args.bits:
         cases = []
         for bits, (n, k), rows in itertools.product(args.bits, shapes, args.batches):
-            cases.append(bench_case(bits, n, k, rows, group, device, timer, sweep_timer))
-            c = cases[-1]
+            c = bench_case(bits, n, k, rows, group, device, timer, sweep_timer)
+            cases.append(c)
             print(f"b{bits} {n}x{k} rows {rows}: {c['ms']:.4f} ms ({c['impl']}), fp16 "
                   f"{c['fp16_ms']:.4f} ms, {c['speedup_vs_fp16']:.2f}x", file=sys.stderr)
         result = {**meta, "cases": cases}
