@@ -29,8 +29,10 @@ def demo_tokenizer(demo_dir):
 
 
 def make_tiny_model(path, tokenizer, *, arch="llama", layers=2, hidden=64, intermediate=96,
-                    heads=4, kv_heads=2, seed=0):
-    """A small random causal LM saved as an fp16 safetensors HF directory."""
+                    heads=4, kv_heads=2, seed=0, exact=False):
+    """A small random causal LM saved as an fp16 safetensors HF directory. `exact`: its
+    matrices are multiples of 2^-14 in [-1/8, 1/8] from an integer generator, the same
+    numbers on every machine (a float generator's vectorised paths differ between CPUs)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
@@ -40,9 +42,12 @@ def make_tiny_model(path, tokenizer, *, arch="llama", layers=2, hidden=64, inter
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # larger than the default init so quantization error is visible
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() == 2 and exact:
+                p.copy_(torch.randint(-2048, 2049, p.shape, generator=generator) * 2.0 ** -14)
+            elif p.dim() == 2:
                 p.normal_(0, 0.08)
     model.to(torch.float16).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -63,3 +68,8 @@ def demo_rtn_dir(tmp_path_factory, demo_dir):
     out = tmp_path_factory.mktemp("demo") / "rtn-w4g64"
     return quantize(QuantizeJob("rtn", {"bits": 4, "group_size": 64}, str(demo_dir),
                                 CalibConfig(nsamples=2), out, progress=False))
+
+
+def quantize_one(method, weight, stats=None, name="layer"):
+    """(format, report entry) of one weight as `method` plans and quantizes it."""
+    return method.quantize(weight, stats, method.plan_layer(name, *weight.shape))
