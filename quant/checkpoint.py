@@ -69,17 +69,6 @@ def save_weights(out: Path, tensors: dict[str, torch.Tensor],
     return files
 
 
-def dedupe_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop later names of tensors sharing storage (tied embeddings); safetensors refuses them."""
-    seen, kept = set(), {}
-    for name, t in tensors.items():
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key not in seen:
-            seen.add(key)
-            kept[name] = t
-    return kept
-
-
 # ---- checking ---------------------------------------------------------------------------
 
 def check_safetensors_file(path: Path) -> dict[str, dict]:

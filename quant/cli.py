@@ -1,4 +1,4 @@
-"""Command line: `quantize` (the main job) and `quant` (eval, info, quantize).
+"""Command line: `quantize` (the main job) and `quant` (quantize, plan, eval, info, export).
 
 Thin by design: arguments -> config dataclasses -> one library call. Library errors
 (`LowbitError`) become one line on stderr and exit code 2.
@@ -101,32 +101,29 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
 def run_quantize(args) -> int:
     from quant.data import CalibConfig
     from quant.eval.evaluate import evaluate_ppl, record
-    from quant.info import distill_line
+    from quant.info import describe, distill_line
     from quant.methods import make_method
     from quant.pipeline import QuantizeJob, quantize, resolve_device
 
     options = method_options(args)
-    method = make_method(args.method, **options)  # bad options fail before any work
-    caution = getattr(method.config, "caution", lambda: None)()
+    caution = make_method(args.method, **options).caution()  # bad options fail first
     if caution:
         print(f"note: {caution}", file=sys.stderr)
-    nsamples = args.nsamples if args.nsamples is not None else \
-        getattr(method, "default_nsamples", CalibConfig.nsamples)
     job = QuantizeJob(
         method=args.method, method_options=options, model=args.model,
-        calib=CalibConfig(args.calib, nsamples, args.seqlen, args.seed), out=args.out,
+        calib=CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed), out=args.out,
         overwrite=args.overwrite, resume=args.resume, device=args.device,
         matmul_dtype=args.matmul_dtype, allow_pickle=args.allow_pickle)
     out = quantize(job)
-    report = json.loads((out / "quant_report.json").read_text())
-    totals = report["totals"]
-    print(f"checkpoint: {out}  ({totals['quantized_layers']} layers, "
-          f"{totals['bits_per_weight']:.3f} bits/weight, "
-          f"{totals['bytes_on_disk'] / 2**20:.1f} MiB, {report['quantize_seconds']:.0f} s)")
-    schemes = collections.Counter(layer.get("scheme", "?") for layer in report["layers"].values())
+    summary = describe(out)
+    print(f"checkpoint: {out}  ({summary['quantized_layers']} layers, "
+          f"{summary['quantized_bits_per_weight']:.3f} bits/weight, "
+          f"{summary['bytes_on_disk'] / 2**20:.1f} MiB, "
+          f"{json.loads((out / 'quant_report.json').read_text())['quantize_seconds']:.0f} s)")
+    schemes = collections.Counter(layer["scheme"] for layer in summary["layers"])
     print("layer formats: " + ", ".join(f"{n} x {s}" for s, n in schemes.most_common()))
-    if "distill" in report:
-        print(distill_line(report["distill"]))
+    if summary["distill"]:
+        print(distill_line(summary["distill"]))
     if not args.no_eval:
         device = resolve_device(args.device)
         fp = evaluate_ppl(args.model, device=device, reuse_fp=True)
@@ -179,6 +176,31 @@ def run_info(args) -> int:
     return 0
 
 
+def add_plan_args(p):
+    from quant.methods import METHODS
+
+    p.add_argument("model", nargs="?", help="demo alias (default smollm2-135m), local model "
+                   "directory, or a directory holding only config.json")
+    p.add_argument("--method", default="rtn",
+                   help=f"one of {', '.join(sorted(METHODS))} (default rtn)")
+    add_method_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run_plan(args) -> int:
+    from quant import models
+    from quant import plan as plans
+    from quant.info import render
+    from quant.methods import make_method
+
+    method = make_method(args.method, **method_options(args))
+    plan = plans.for_source(models.resolve(args.model, config_only=True), method)
+    summary = {"model": args.model or "smollm2-135m", "method": args.method, **plan.summary()}
+    print(json.dumps({**summary, "plan": plan.to_json()}, indent=2) if args.json
+          else render(summary))
+    return 0
+
+
 def add_export_args(p):
     p.add_argument("directory", type=Path, help="lowbit checkpoint directory")
     p.add_argument("out", type=Path, help="directory to write")
@@ -198,6 +220,8 @@ def run_export(args) -> int:
 
 COMMANDS = {
     "quantize": (add_quantize_args, run_quantize, "quantize a model into a lowbit checkpoint"),
+    "plan": (add_plan_args, run_plan, "each layer's format, bits and the checkpoint size, "
+             "from the model's config alone"),
     "eval": (add_eval_args, run_eval, "perplexity of a checkpoint or fp model (JSON)"),
     "info": (add_info_args, run_info, "per-layer formats, bits per weight and size"),
     "export": (add_export_args, run_export, "rewrite a uniform checkpoint for another runtime"),

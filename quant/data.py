@@ -8,6 +8,7 @@ offline set whose protocol tests and issues quote numbers in; it must not change
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,15 @@ HUB_SETS = ("wikitext2", "c4", "redpajama")
 @dataclass(frozen=True)
 class CalibConfig:
     dataset: str = "wiki-demo"
-    nsamples: int = 128
+    nsamples: int | None = None  # None: the method's default (Method.calibration.nsamples)
     seqlen: int = 512
     seed: int = 0
 
+    def with_default_nsamples(self, nsamples: int) -> "CalibConfig":
+        return self if self.nsamples is not None else dataclasses.replace(self, nsamples=nsamples)
+
     def validate(self) -> "CalibConfig":
-        if self.nsamples < 1:
+        if self.nsamples is not None and self.nsamples < 1:
             raise ConfigError(f"--nsamples must be at least 1 (got {self.nsamples})")
         if self.seqlen < 2:
             raise ConfigError(f"--seqlen must be at least 2 (got {self.seqlen})")
@@ -139,6 +143,9 @@ def token_splits(name: str, tokenizer) -> tuple[torch.Tensor, torch.Tensor | Non
 def calibration_windows(cfg: CalibConfig, tokenizer) -> torch.Tensor:
     """[nsamples, seqlen] random windows of the calibration pool (GPTQ's sampling)."""
     cfg.validate()
+    if cfg.nsamples is None:
+        raise ConfigError("the number of calibration windows is not set (the pipeline uses "
+                          "the method's default)")
     pool, _ = token_splits(cfg.dataset, tokenizer)
     return sample_windows(pool, cfg, source=cfg.dataset)
 

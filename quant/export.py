@@ -8,27 +8,31 @@ already have its names and layout; only the config changes (`aqlm_config`).
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 
 from quant import checkpoint
+from quant import plan as plans
 from quant.errors import CheckpointError, ConfigError
 from quant.formats import IntWeight
 from quant.formats.packing import pack
+from quant.plan import Plan
 
 GPTQ_BITS = (2, 3, 4, 8)
 OWN_FILES = {"config.json", checkpoint.REPORT, "eval.json", checkpoint.WEIGHTS, checkpoint.INDEX}
 
 
-def uniform_config(modules: dict, fmt: str) -> dict:
-    configs = {json.dumps(c, sort_keys=True) for c in modules.values()}
-    if len(configs) != 1:
+def uniform_config(plan: Plan, fmt: str) -> dict:
+    """The one module config every quantized layer of `plan` shares."""
+    schemes = sorted({spec.scheme for spec in plan.layers.values()})
+    if not schemes:
+        raise CheckpointError(f"this checkpoint has no quantized layers to export to {fmt}")
+    if len(schemes) != 1:
         raise CheckpointError(f"only uniform checkpoints export to {fmt}: this one mixes "
-                              f"{len(configs)} layer configurations")
-    return json.loads(configs.pop())
+                              f"{len(schemes)} layer schemes ({', '.join(schemes)})")
+    return next(iter(plan.layers.values())).config
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
@@ -51,22 +55,21 @@ def gptq_tensors(name: str, weight: IntWeight) -> dict[str, torch.Tensor]:
 
 def export_gptq(directory: Path, out: Path, overwrite: bool = False) -> Path:
     directory = Path(directory)
-    checkpoint.verify(directory)
+    plan = plans.checked(directory)
     qc = checkpoint.read_quant_config(directory)
-    config = uniform_config(qc["modules"], "gptq")
+    config = uniform_config(plan, "gptq")
     if config["format"] != "int" or config["bits"] not in GPTQ_BITS:
         raise CheckpointError(f"GPTQ runtimes read integer weights of {GPTQ_BITS} bits; this "
                               f"checkpoint has {config['format']} {config.get('bits')}-bit layers")
     tensors = checkpoint.load_tensors(directory)
-    full_report = checkpoint.read_report(directory)
-    report, options = full_report.get("layers", {}), full_report.get("options", {})
-    exported = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in qc["modules"]}
-    for name in qc["modules"]:
+    options = checkpoint.read_report(directory).get("options", {})  # how it was made, if known
+    exported = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in plan.layers}
+    for name, spec in plan.layers.items():
         own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
         if "bias" in own:
             exported[f"{name}.bias"] = own.pop("bias").half()
-        out_f, in_f = _shape(name, report)
-        weight = IntWeight.from_state_dict(own, config, out_f, in_f, where=name)
+        weight = IntWeight.from_state_dict(own, config, spec.out_features, spec.in_features,
+                                           where=name)
         exported.update(gptq_tensors(name, weight))
     gptq_config = {
         "quant_method": "gptq", "bits": config["bits"], "group_size": config["group_size"],
@@ -84,12 +87,6 @@ def export_gptq(directory: Path, out: Path, overwrite: bool = False) -> Path:
     return Path(out)
 
 
-def _shape(name: str, report: dict) -> tuple[int, int]:
-    if name in report:
-        return tuple(report[name]["shape"])
-    raise CheckpointError(f"{name}: the layer's shape is not in {checkpoint.REPORT}")
-
-
 def aqlm_config(layer: dict, not_quantized: list[str]) -> dict:
     """transformers' AqlmConfig fields for one codebook shape; `not_quantized` are the
     nn.Linear names left in full precision (AQLM lists their weights)."""
@@ -101,10 +98,10 @@ def aqlm_config(layer: dict, not_quantized: list[str]) -> dict:
 
 def export_aqlm(directory: Path, out: Path, overwrite: bool = False) -> Path:
     directory = Path(directory)
-    checkpoint.verify(directory)
+    plan = plans.checked(directory)
     qc = checkpoint.read_quant_config(directory)
     try:
-        config = uniform_config(qc["modules"], "aqlm")
+        config = uniform_config(plan, "aqlm")
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; quantize with one shape: --wide-layers '' (if --bits "
                               "then picks one), or --codebooks 1x8 --in-group 4") from None

@@ -10,7 +10,8 @@ norms.
 
 A format takes part when it has `tunable()` (fp32 copies of its continuous tensors),
 `dequantize_tunable(parts)` (the dense weight, differentiable in the parts) and
-`with_tunable(parts)` (a new format with the parts rounded to their stored dtypes).
+`with_tunable(parts)` (a new format with the parts rounded to their stored dtypes): its
+class sets `TUNABLE = True`.
 """
 
 from __future__ import annotations
@@ -21,23 +22,22 @@ import torch
 
 from quant.layers import QuantLinear
 from quant.methods.base import FinetuneConfig
-from quant.traverse import BlockInputs, run_batches, run_block
+from quant.traverse import BlockRun
 
 CHECK_EVERY = 4  # the error before and after tuning is compared on every 4th batch
 
 
-def block_outputs(block, inputs: BlockInputs, index: int, device) -> list[torch.Tensor]:
+def block_outputs(run: BlockRun) -> list[torch.Tensor]:
     """The block's outputs for every calibration batch, on the CPU (the fp targets)."""
     with torch.no_grad():
-        return [out.to("cpu") for out in run_batches(block, inputs, index, device)]
+        return [out.to("cpu") for out in run.batches()]
 
 
-def relative_error(block, inputs: BlockInputs, index: int, device,
-                   targets: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+def relative_error(run: BlockRun, targets: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
     """(sum ||block(x) - target||^2 / sum ||target||^2 over every calibration batch, the
     block's outputs)."""
     with torch.no_grad():
-        outputs = list(run_batches(block, inputs, index, device))
+        outputs = list(run.batches())
     return output_error(outputs, targets), outputs
 
 
@@ -57,7 +57,7 @@ def _squared(out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def tunable_layers(block) -> dict[str, QuantLinear]:
     return {name: m for name, m in block.named_modules()
-            if isinstance(m, QuantLinear) and hasattr(m.quantized_weight(), "tunable")}
+            if isinstance(m, QuantLinear) and m.format_cls.TUNABLE}
 
 
 def norm_parameters(block) -> list[torch.nn.Parameter]:
@@ -69,35 +69,32 @@ def norm_parameters(block) -> list[torch.nn.Parameter]:
             if id(p) not in quantized and p.is_floating_point() and p.dim() == 1]
 
 
-def finetune_block(block, inputs: BlockInputs, index: int, device,
-                   targets: list[torch.Tensor], config: FinetuneConfig) -> dict:
+def finetune_block(run: BlockRun, targets: list[torch.Tensor], config: FinetuneConfig) -> dict:
     """Tune the block in place; returns its relative output errors "before" and "after"
     on the check batches (every CHECK_EVERY-th), and the block's "outputs" for every batch.
     When tuning made the error worse (it minimises the error before rounding to the
     stored dtypes), everything is put back."""
-    tunables = Tunables(block, device)
+    tunables = Tunables(run.block, run.device)
     if not tunables.layers:
-        before, outputs = relative_error(block, inputs, index, device, targets)
+        before, outputs = relative_error(run, targets)
         return {"before": before, "after": before, "outputs": outputs}
-    checked = range(0, len(inputs.hidden), CHECK_EVERY)
-    before, _ = relative_error(block, inputs.subset(checked), index, device,
-                               [targets[b] for b in checked])
+    checked = range(0, len(run.inputs.hidden), CHECK_EVERY)
+    before, _ = relative_error(run.subset(checked), [targets[b] for b in checked])
     steps = [(b, slice(start, start + config.sequences))
-             for b, hidden in enumerate(inputs.hidden)
+             for b, hidden in enumerate(run.inputs.hidden)
              for start in range(0, hidden.shape[0], config.sequences)]
 
     def loss(step: int) -> torch.Tensor:
         b, rows = steps[step % len(steps)]
-        err, norm = _squared(run_block(block, *inputs.rows(index, b, rows), device),
-                             targets[b][rows])
+        err, norm = _squared(run.forward(*run.rows(b, rows)), targets[b][rows])
         return err / norm
 
     tunables.adam(loss, config)
-    _, outputs = relative_error(block, inputs, index, device, targets)
+    _, outputs = relative_error(run, targets)
     after = output_error([outputs[b] for b in checked], [targets[b] for b in checked])
     if after > before:
         tunables.restore()
-        _, outputs = relative_error(block, inputs, index, device, targets)
+        _, outputs = relative_error(run, targets)
         after = before
     return {"before": before, "after": after, "outputs": outputs}
 
@@ -236,9 +233,8 @@ class TeacherKL(torch.autograd.Function):
     """mean over rows of KL(softmax(teacher) || softmax(student)) for logits [tokens, vocab],
     in fp32 whatever the logits' dtype. The gradient, (softmax(student) - softmax(teacher))
     / tokens, is formed in the same pass over the logits: chunk by chunk on the CPU, instead
-    of autograd's several full-size fp32 copies, each of fresh pages to fault in (on a 2-core
-    CPU, 8 demo-model distillation steps with their held-out checks: 71 s instead of 87 s,
-    13 s of it system time instead of 36 s)."""
+    of autograd's several full-size fp32 copies, each of fresh pages to fault in (timings:
+    benchmarks/cpu-design-notes.json)."""
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

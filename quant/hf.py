@@ -18,6 +18,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from quant import checkpoint
+from quant import plan as plans
 from quant.errors import CheckpointError
 from quant.layers import QuantLinear, replace_linears, set_kernel_preference
 
@@ -89,9 +90,7 @@ def load(directory, device: str | torch.device = "cpu", dtype: torch.dtype = tor
         config.quantization_config = lowbit_config_for_aqlm(directory, config)
         expected, extra = config.quantization_config["modules"], {"config": config}
     else:
-        if verify:
-            checkpoint.verify(directory)
-        expected = checkpoint.read_quant_config(directory)["modules"]
+        expected = plans.checked(directory, checksums=verify).layers
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map=str(device),
                                                  **extra)
     found = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)}

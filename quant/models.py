@@ -14,25 +14,29 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def resolve(spec: str | None) -> Path:
-    """Local directory holding the model `spec` names (downloading/converting if needed)."""
+def resolve(spec: str | None, config_only: bool = False) -> Path:
+    """Local directory holding the model `spec` names (downloading/converting if needed;
+    from the hub only its config.json when `config_only`)."""
     spec = spec or assets.DEFAULT_MODEL
     if spec in assets.MODELS:
         return assets.model_dir(spec)
     path = Path(spec).expanduser()
+    if path.is_file() and path.name == "config.json":
+        path = path.parent
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(f"{spec} is not a Hugging Face model directory (no config.json)")
         return path
     if not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
         raise ModelError(f"model path {spec} does not exist")
-    return _from_hub(spec)
+    return _from_hub(spec, ["config.json"] if config_only else None)
 
 
-def _from_hub(repo_id: str) -> Path:
+def _from_hub(repo_id: str, patterns: list[str] | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    patterns = patterns or ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
+                            "*.tiktoken"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except Exception:
@@ -68,8 +72,23 @@ def skeleton(path: Path, config=None):
 
     with _unsupported(path):
         config = config or AutoConfig.from_pretrained(path)
+        check_causal_lm(path, config)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
+
+
+def check_causal_lm(path: Path, config) -> None:
+    """Refuse a model whose checkpoint is another kind of model (BERT's masked LM would
+    otherwise get a fresh random causal head)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set()
+    for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        causal.update([names] if isinstance(names, str) else names)
+    architectures = config.architectures or []
+    if architectures and not any(a in causal for a in architectures):
+        raise ModelError(f"{path}: {architectures[0]} is not a causal language model; lowbit "
+                         "quantizes decoder-only LMs (architectures ending in ForCausalLM)")
 
 
 def load_fp(path: Path, dtype, allow_pickle: bool = False):

@@ -22,18 +22,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from quant import checkpoint, models
+from quant import plan as plans
 from quant.data import CalibConfig, calibration_windows
 from quant.errors import ConfigError, ModelError
 from quant.finetune import block_outputs, finetune_block, finetune_model, norm_parameters
 from quant.formats import format_class
 from quant.formats.int_weight import PACKING
 from quant.layers import QuantLinear, set_module
-from quant.methods import make_method
+from quant.methods import Method, make_method
+from quant.plan import LayerSpec, Plan
 from quant.stats import collect_hessians, input_groups, relative_output_error
-from quant.traverse import (BlockInputs, ChildReplay, capture_block_inputs, find_blocks,
-                            find_linears, replay_finished_children, run_batches)
-
-NOT_CONVERTED = ("lm_head",)
+from quant.traverse import BlockRun, capture_block_inputs, find_blocks
 
 
 @dataclass
@@ -72,17 +71,17 @@ def native_bf16_cpu() -> bool:
     return bool(check and check())
 
 
-def calibration_matmuls(name: str, device: torch.device, method) -> torch.dtype:
+def calibration_matmuls(name: str, device: torch.device, method: Method) -> torch.dtype:
     """The dtype of the block forwards' matmuls on a CPU (torch autocast; weights, norms,
-    residuals and statistics stay fp32). bf16 matmuls run 2.5x faster with AVX512-BF16/AMX,
-    and a method whose own error is far above bf16 rounding (`bf16_calibration`) uses
-    them by default."""
+    residuals and statistics stay fp32). bf16 matmuls are faster where the CPU has native
+    bf16 (AVX512-BF16/AMX), and a method whose own error is far above bf16 rounding
+    (`Calibration.bf16_matmuls`) uses them by default there."""
     if device.type != "cpu":
         if name != "auto":
             raise ConfigError("--matmul-dtype applies to CPU runs (a GPU calibrates in fp16)")
         return torch.float16
     if name == "auto":
-        fast = getattr(method, "bf16_calibration", False) and native_bf16_cpu()
+        fast = method.calibration.bf16_matmuls and native_bf16_cpu()
         return torch.bfloat16 if fast else torch.float32
     return MATMUL_DTYPES[name]
 
@@ -93,10 +92,9 @@ def calibration_autocast(matmuls: torch.dtype):
     return torch.autocast("cpu", torch.bfloat16, enabled=matmuls == torch.bfloat16)
 
 
-def default_out(model_spec: str | None, method: str, config) -> Path:
+def default_out(model_spec: str | None, method: Method) -> Path:
     name = Path(model_spec.rstrip("/")).name if model_spec else "smollm2-135m"
-    bits = getattr(config, "bits", None)
-    return Path(f"{name}-{method}" + (f"-{bits}bit" if bits else ""))
+    return Path(f"{name}-{method.label()}")
 
 
 def check_output(out: Path, overwrite: bool, explicit: bool) -> None:
@@ -106,87 +104,122 @@ def check_output(out: Path, overwrite: bool, explicit: bool) -> None:
                           "it or choose another --out")
 
 
+@dataclass
+class Prepared:
+    """A job with everything it names looked up and checked, before any weight is read."""
+
+    job: QuantizeJob
+    method: Method
+    calib: CalibConfig        # nsamples filled in from the method's default
+    device: torch.device
+    matmuls: torch.dtype      # of the calibration forwards (calibration_matmuls)
+    source: Path              # the fp model's directory
+    out: Path
+    plan: Plan
+
+    def fingerprint(self, dtype: torch.dtype) -> dict:
+        """The settings a staged block was made with (--resume requires the same)."""
+        return {"source": str(self.source.resolve()), "method": self.job.method,
+                "options": dataclasses.asdict(self.method.config),
+                "calibration": dataclasses.asdict(self.calib), "dtype": str(dtype),
+                "matmuls": str(self.matmuls)}
+
+
+def prepare(job: QuantizeJob) -> Prepared:
+    """Check the job and plan every layer from the model's config alone."""
+    method = make_method(job.method, **job.method_options)
+    calib = job.calib.with_default_nsamples(method.calibration.nsamples).validate()
+    device = resolve_device(job.device)
+    matmuls = calibration_matmuls(job.matmul_dtype, device, method)
+    out = Path(job.out or default_out(job.model, method))
+    check_output(out, job.overwrite, explicit=job.out is not None)
+    source = models.resolve(job.model)
+    models.check_weights(source, job.allow_pickle)
+    return Prepared(job, method, calib, device, matmuls, source, out,
+                    plans.for_source(source, method))
+
+
 def quantize(job: QuantizeJob) -> Path:
     """Quantize `job.model` with `job.method`; returns the checkpoint directory."""
     started = time.time()
-    method = make_method(job.method, **job.method_options)
-    calib = job.calib.validate()
-    device = resolve_device(job.device)
-    matmuls = calibration_matmuls(job.matmul_dtype, device, method)
-    out = Path(job.out or default_out(job.model, job.method, method.config))
-    check_output(out, job.overwrite, explicit=job.out is not None)
+    run = prepare(job)
+    dtype = torch.float32 if run.device.type == "cpu" else torch.float16
+    staging = checkpoint.Staging(run.out)
+    staging.check(run.fingerprint(dtype), job.resume, job.overwrite)
 
-    source = models.resolve(job.model)
-    models.check_weights(source, job.allow_pickle)
-    dtype = torch.float32 if device.type == "cpu" else torch.float16
-    staging = checkpoint.Staging(out)
-    fingerprint = {"source": str(source.resolve()), "method": job.method,
-                   "options": dataclasses.asdict(method.config),
-                   "calibration": dataclasses.asdict(calib), "dtype": str(dtype),
-                   "matmuls": str(matmuls)}
-    staging.check(fingerprint, job.resume, job.overwrite)
-
-    plan_layers(*find_blocks(models.skeleton(source)), method)  # fail before loading weights
-    tokenizer = models.load_tokenizer(source)
-    input_ids = calibration_windows(calib, tokenizer)
-    model = models.load_fp(source, dtype, job.allow_pickle)
+    tokenizer = models.load_tokenizer(run.source)
+    input_ids = calibration_windows(run.calib, tokenizer)
+    model = models.load_fp(run.source, dtype, job.allow_pickle)
     prefix, blocks = find_blocks(model)
-    plan = plan_layers(prefix, blocks, method)
-    done = staging.open(fingerprint, job.resume, job.overwrite)
+    done = staging.open(run.fingerprint(dtype), job.resume, job.overwrite)
 
-    inputs = capture_block_inputs(model, blocks, input_ids, max(1, job.batch_tokens // calib.seqlen))
-    modules, layers, block_seconds = {}, {}, []
+    inputs = capture_block_inputs(model, blocks, input_ids,
+                                  max(1, job.batch_tokens // run.calib.seqlen))
+    layers, block_seconds = {}, []
     bar = tqdm(range(len(blocks)), desc=f"quantize ({job.method})", unit="block",
                disable=not job.progress)
     for i in bar:
         tick = time.time()
-        block, block_prefix = blocks[i].to(device), f"{prefix}.{i}."
-        with calibration_autocast(matmuls):
+        block = BlockRun(blocks[i].to(run.device), inputs, i, run.device, f"{prefix}.{i}",
+                         on_step=bar.set_postfix_str)
+        specs = block_specs(run.plan, block.name)
+        with calibration_autocast(run.matmuls):
             if i < done:
-                block_modules, report = restore_block(block, staging, i, block_prefix)
-                propagate(block, inputs, i, device)
+                report = restore_block(block, specs, staging)
+                propagate(block)
             else:
-                block_modules, report = quantize_block(block, plan[i], method, inputs, i,
-                                                       block_prefix, device, bar)
-                staging.save_block(i, quantized_tensors(block, block_prefix), block_modules,
-                                   report)
-        blocks[i] = block.to("cpu")
-        modules.update(block_modules)
-        layers.update(report)
+                report = quantize_block(block, specs, run.method)
+                staging.save_block(i, quantized_tensors(block), named(block, specs, "config"),
+                                   named(block, report))
+        blocks[i] = block.block.to("cpu")
+        layers.update(named(block, report))
         block_seconds.append(round(time.time() - tick, 2))
-    distilled = distill(model, method, source, input_ids, device, matmuls, calib.seed,
-                        job.progress)
+    distilled = distill(run, model, input_ids)
 
     quant_config = {
         "quant_method": checkpoint.QUANT_METHOD, "format_version": checkpoint.FORMAT_VERSION,
-        "packing": {"int": PACKING}, "modules": modules,
+        "packing": {"int": PACKING}, "modules": run.plan.modules(),
         "modules_to_not_convert": [n for n, _ in model.named_modules()
-                                   if n.split(".")[-1] in NOT_CONVERTED],
-        "calibration": {**dataclasses.asdict(calib), "tokens": calib.nsamples * calib.seqlen},
+                                   if n.split(".")[-1] in plans.NOT_CONVERTED],
+        "calibration": {**dataclasses.asdict(run.calib),
+                        "tokens": run.calib.nsamples * run.calib.seqlen},
         "lowbit_version": version(),
     }
-    summary = {"model": job.model or "smollm2-135m", "source": str(source),
-               "method": job.method, "options": dataclasses.asdict(method.config),
-               "device": str(device), "matmul_dtype": str(matmuls).removeprefix("torch."),
+    summary = {"model": job.model or "smollm2-135m", "source": str(run.source),
+               "method": job.method, "options": dataclasses.asdict(run.method.config),
+               "device": str(run.device), "matmul_dtype": str(run.matmuls).removeprefix("torch."),
                "quantize_seconds": round(time.time() - started, 2),
                "block_seconds": block_seconds, **distilled}
-    write_checkpoint(staging, model, tokenizer, source, quant_config, layers, summary)
-    return out
+    write_checkpoint(staging, model, tokenizer, run, quant_config, layers, summary)
+    return run.out
 
 
-def distill(model, method, source: Path, input_ids: torch.Tensor, device, matmuls,
-            seed: int, progress: bool) -> dict:
-    """The model fine-tuning stage a method asks for (`method.distill`): the quantized
+def block_specs(plan: Plan, block_name: str) -> dict[str, LayerSpec]:
+    """The plan's layers inside one block, by name relative to the block."""
+    prefix = block_name + "."
+    return {name[len(prefix):]: spec for name, spec in plan.layers.items()
+            if name.startswith(prefix)}
+
+
+def named(block: BlockRun, entries: dict, attribute: str | None = None) -> dict:
+    """`entries` keyed by full module name (and reduced to one attribute of each)."""
+    return {f"{block.name}.{name}": entry if attribute is None else getattr(entry, attribute)
+            for name, entry in entries.items()}
+
+
+def distill(run: Prepared, model, input_ids: torch.Tensor) -> dict:
+    """The model fine-tuning stage a method asks for (`Stages.distill`): the quantized
     model learns the fp model's next-token distributions. Returns its report entry."""
-    config = getattr(method, "distill", None)
-    if not config:
+    config = run.method.stages.distill
+    if config is None:
         return {}
     tick = time.time()
-    teacher = models.load_fp(source, model.dtype).to(device).eval()
-    model.to(device)
-    bar = partial(tqdm, desc="distill", unit="step", disable=not progress)
-    with calibration_autocast(matmuls):
-        result = finetune_model(model, teacher, input_ids, config, device, seed, bar)
+    teacher = models.load_fp(run.source, model.dtype).to(run.device).eval()
+    model.to(run.device)
+    bar = partial(tqdm, desc="distill", unit="step", disable=not run.job.progress)
+    with calibration_autocast(run.matmuls):
+        result = finetune_model(model, teacher, input_ids, config, run.device, run.calib.seed,
+                                bar)
     model.to("cpu")
     if result is None:
         return {}
@@ -194,98 +227,84 @@ def distill(model, method, source: Path, input_ids: torch.Tensor, device, matmul
                         **result, "seconds": round(time.time() - tick, 2)}}
 
 
-def plan_layers(prefix: str, blocks, method) -> list[dict[str, torch.nn.Linear]]:
-    """The linears of each block, checked against the method before any work starts."""
-    plan = []
-    for i, block in enumerate(blocks):
-        linears = find_linears(block, skip=NOT_CONVERTED)
-        for name, linear in linears.items():
-            method.check_layer(f"{prefix}.{i}.{name}", linear.out_features, linear.in_features)
-        plan.append(linears)
-    if not any(plan):
-        raise ModelError("the model's decoder blocks contain no nn.Linear layers to quantize")
-    return plan
-
-
 # ---- one block ---------------------------------------------------------------------------
 
-def quantize_block(block, linears: dict, method, inputs: BlockInputs, index: int,
-                   prefix: str, device, bar) -> tuple[dict, dict]:
-    """Quantize one block in place and advance `inputs`; returns (module configs, reports).
+def quantize_block(run: BlockRun, specs: dict[str, LayerSpec], method: Method) -> dict:
+    """Quantize one block in place as `specs` plan it and advance its inputs; returns the
+    report entry of each layer.
 
     Methods that need the Hessian get it per group of linears sharing an input; with
     true-sequential each group's inputs come through the already quantized groups."""
-    modules, report, reference = {}, {}, {}
-    tuning = getattr(method, "finetune", None)
-    targets = block_outputs(block, inputs, index, device) if tuning else None
-    with replay_finished_children(block, linears) as replay:
-        if method.needs_hessian:
+    linears = {name: run.block.get_submodule(name) for name in specs}
+    calibration, tuning = method.calibration, method.stages.finetune
+    report, reference = {}, {}
+    targets = block_outputs(run) if tuning else None
+    with run.replaying(linears) as replay:
+        if calibration.hessian:
             with replay.learning_tails():
-                groups = input_groups(block, linears, inputs, index, device)
-            stages = [[g] for g in groups] if method.true_sequential else [groups]
+                groups = input_groups(run, linears)
+            steps = [[g] for g in groups] if calibration.true_sequential else [groups]
         else:
-            groups, stages = [], [[[name] for name in linears]]
-        for stage in stages:
-            # in true-sequential order everything upstream of a stage is final
-            recording = (replay.recording_tail_inputs(sum(stage, [])) if len(stages) > 1
+            groups, steps = [], [[[name] for name in linears]]
+        for step in steps:
+            # in true-sequential order everything upstream of a step is final
+            recording = (replay.recording_tail_inputs(sum(step, [])) if len(steps) > 1
                          else contextlib.nullcontext())
             with recording:
-                hessians = collect_hessians(block, stage, inputs, index, device,
-                                            method.hessian_dtype, replay) if groups else {}
-            for group in stage:
-                bar.set_postfix_str(",".join(name.split(".")[-1] for name in group))
-                quantized = quantize_linears(prefix, {n: linears[n] for n in group}, method,
-                                             hessians.get(group[0]))
+                hessians = collect_hessians(run, step, calibration.hessian_dtype) \
+                    if groups else {}
+            for group in step:
+                run.on_step(",".join(name.split(".")[-1] for name in group))
+                quantized = quantize_linears(run.name, {n: (linears[n], specs[n]) for n in group},
+                                             method, hessians.get(group[0]))
                 for name, (fmt, dense, entry) in quantized.items():
                     layer = QuantLinear.from_weight(fmt, linears[name].bias)
                     layer.pin_dense(dense)
-                    set_module(block, name, layer)
+                    set_module(run.block, name, layer)
                     reference[name] = linears[name]
-                    modules[prefix + name] = fmt.config
-                    report[prefix + name] = entry
+                    report[name] = entry
         if not tuning:
-            measured = propagate(block, inputs, index, device, None if groups else reference,
-                                 replay)
+            measured = propagate(run, None if groups else reference)
     if tuning:  # after the replay: tuning changes what the finished children compute
-        tuned = finetune_block(block, inputs, index, device, targets, tuning)
-        inputs.advance(tuned["outputs"])
+        tuned = finetune_block(run, targets, tuning)
+        run.advance(tuned["outputs"])
         measured = {}
         for name in reference:
-            report[prefix + name]["block_finetune"] = {
+            report[name]["block_finetune"] = {
                 "steps": tuning.steps, "rel_block_output_mse_before": tuned["before"],
                 "rel_block_output_mse_after": tuned["after"]}
     for name in reference:
-        block.get_submodule(name).pin_dense(None)
+        run.block.get_submodule(name).pin_dense(None)
     for name, err in measured.items():
-        report[prefix + name]["rel_output_mse"] = err
-    return modules, report
+        report[name]["rel_output_mse"] = err
+    return report
 
 
 @torch.autocast("cpu", enabled=False)  # the method's own math is fp32 (or fp64)
-def quantize_linears(prefix: str, linears: dict, method, hessian) -> dict[str, tuple]:
+def quantize_linears(where: str, linears: dict[str, tuple[torch.nn.Linear, LayerSpec]],
+                     method: Method, hessian) -> dict[str, tuple]:
     """{name: (format, fp32 dequantized weight, report entry)} for linears sharing one
-    input (and Hessian)."""
-    weights = {}
-    for name, linear in linears.items():
+    input (and Hessian), each as its spec plans it."""
+    weights, specs = {}, [spec for _, spec in linears.values()]
+    for name, (linear, _) in linears.items():
         weights[name] = linear.weight.data.float()
         if not torch.isfinite(weights[name]).all():
-            raise ModelError(f"{prefix}{name}: the weight contains NaN or inf; "
+            raise ModelError(f"{where}.{name}: the weight contains NaN or inf; "
                              "the source checkpoint is corrupt")
     tick = time.time()
-    if hasattr(method, "quantize_group") and hessian is not None:
-        results = method.quantize_group(list(weights.values()), hessian)
-    else:
-        results = [method.quantize(w, hessian, name=prefix + name)
-                   for name, w in weights.items()]
+    results = method.quantize_group(list(weights.values()), hessian, specs)
     seconds = time.time() - tick
     rows = sum(w.shape[0] for w in weights.values())
     out = {}
-    for (name, weight), (fmt, info) in zip(weights.items(), results):
+    for (name, weight), spec, (fmt, info) in zip(weights.items(), specs, results):
+        if fmt.config != spec.config:
+            raise ModelError(f"{where}.{name}: method {method.name} made a {fmt.config} layer "
+                             f"where it planned {spec.config}")
         dequantized = fmt.dequantize(torch.float32)
         if not torch.isfinite(dequantized).all():
-            raise ModelError(f"{prefix}{name}: quantization produced non-finite values")
-        entry = {**fmt.config, "scheme": fmt.name, "shape": [fmt.out_features, fmt.in_features],
-                 "bits_per_weight": round(fmt.bits_per_weight, 4),
+            raise ModelError(f"{where}.{name}: quantization produced non-finite values")
+        entry = {"scheme": spec.scheme, "shape": [spec.out_features, spec.in_features],
+                 "bits_per_weight": round(spec.bits_per_weight(), 4),
                  "rel_weight_mse": float((dequantized - weight).pow(2).sum() / weight.pow(2).sum()),
                  "seconds": round(seconds * weight.shape[0] / rows, 3), **info}
         if hessian is not None:  # exact on the inputs the layer was quantized with
@@ -294,13 +313,11 @@ def quantize_linears(prefix: str, linears: dict, method, hessian) -> dict[str, t
     return out
 
 
-def propagate(block, inputs: BlockInputs, index: int, device,
-              reference: dict[str, torch.nn.Linear] | None = None,
-              replay: ChildReplay | None = None) -> dict[str, float]:
-    """Run the (quantized) block on every batch, replacing inputs.hidden with its outputs.
-
-    With `reference` (fp linears by name), also returns each quantized layer's relative
-    output error ||(W_q - W) x||^2 / ||W x||^2 over the batches it saw."""
+def propagate(run: BlockRun, reference: dict[str, torch.nn.Linear] | None = None
+              ) -> dict[str, float]:
+    """Run the (quantized) block on every batch, its outputs becoming the next block's
+    inputs. With `reference` (fp linears by name), also returns each quantized layer's
+    relative output error ||(W_q - W) x||^2 / ||W x||^2 over the batches it saw."""
     sums = {name: [0.0, 0.0] for name in reference or {}}
 
     def measure(name):
@@ -312,22 +329,23 @@ def propagate(block, inputs: BlockInputs, index: int, device,
             sums[name][1] += float(torch.linalg.vector_norm(expected)) ** 2
         return hook
 
-    handles = [block.get_submodule(name).register_forward_hook(measure(name)) for name in sums]
+    handles = [run.block.get_submodule(name).register_forward_hook(measure(name))
+               for name in sums]
     try:
         with torch.no_grad():
-            outputs = run_batches(block, inputs, index, device, replay)
-            inputs.advance(outputs)
+            run.advance(list(run.batches()))
     finally:
         for handle in handles:
             handle.remove()
     return {name: num / max(den, 1e-30) for name, (num, den) in sums.items()}
 
 
-def quantized_tensors(block, prefix: str) -> dict[str, torch.Tensor]:
-    """What a finished block changed: its QuantLinears' tensors and (block fine-tuning
-    tunes them) its norms."""
-    norms = {id(p) for p in norm_parameters(block)}
-    return {prefix + name: t.detach() for name, t in block.state_dict(keep_vars=True).items()
+def quantized_tensors(run: BlockRun) -> dict[str, torch.Tensor]:
+    """What a finished block changed, by full name: its QuantLinears' tensors and (block
+    fine-tuning tunes them) its norms."""
+    block, norms = run.block, {id(p) for p in norm_parameters(run.block)}
+    return {f"{run.name}.{name}": t.detach()
+            for name, t in block.state_dict(keep_vars=True).items()
             if _is_quantized_tensor(block, name) or id(t) in norms}
 
 
@@ -337,60 +355,62 @@ def _is_quantized_tensor(block, name: str) -> bool:
     return isinstance(module, QuantLinear)
 
 
-def restore_block(block, staging, index: int, prefix: str) -> tuple[dict, dict]:
-    """Install the QuantLinears a previous run persisted for this block."""
-    tensors, modules, report = staging.load_block(index)
-    for full, config in modules.items():
-        name = full[len(prefix):]
-        linear = block.get_submodule(name)
+def restore_block(run: BlockRun, specs: dict[str, LayerSpec], staging) -> dict:
+    """Install the QuantLinears a previous run persisted for this block; returns their
+    report entries."""
+    tensors, modules, report = staging.load_block(run.index)
+    if modules != named(run, specs, "config"):
+        raise ConfigError(f"the unfinished run in {staging.root} planned {run.name} "
+                          "differently; pass --overwrite to start over")
+    prefix = run.name + "."
+    for name, spec in specs.items():
+        full = prefix + name
+        linear = run.block.get_submodule(name)
         own = {k[len(full) + 1:]: v for k, v in tensors.items() if k.startswith(full + ".")}
         bias = own.pop("bias", None)
-        fmt = format_class(config).from_state_dict(own, config, linear.out_features,
-                                                   linear.in_features, where=full)
-        set_module(block, name, QuantLinear.from_weight(fmt, bias).to(linear.weight.device))
+        fmt = format_class(spec.config).from_state_dict(own, spec.config, spec.out_features,
+                                                        spec.in_features, where=full)
+        set_module(run.block, name,
+                   QuantLinear.from_weight(fmt, bias).to(linear.weight.device))
     with torch.no_grad():  # the norms, as block fine-tuning left them
         for full, tensor in tensors.items():
-            if not any(full.startswith(module + ".") for module in modules):
-                block.get_parameter(full[len(prefix):]).copy_(tensor)
-    return modules, report
+            if not any(full.startswith(f"{prefix}{name}.") for name in specs):
+                run.block.get_parameter(full[len(prefix):]).copy_(tensor)
+    return {full[len(prefix):]: entry for full, entry in report.items()}
 
 
 # ---- the checkpoint ----------------------------------------------------------------------
 
-def write_checkpoint(staging, model, tokenizer, source: Path, quant_config: dict,
+def write_checkpoint(staging, model, tokenizer, run: Prepared, quant_config: dict,
                      layers: dict, summary: dict) -> None:
+    """Write the checkpoint the plan describes into the staging area, check its files
+    against the plan, then publish it."""
     final = staging.final_dir()
-    config = checkpoint.read_model_config(source)
-    dtype = _torch_dtype(config.get("dtype") or config.get("torch_dtype"))
+    config = checkpoint.read_model_config(run.source)
     config["quantization_config"] = quant_config
     checkpoint.write_json(final / "config.json", config)
     for extra in ("generation_config.json",):
-        if (source / extra).exists():
-            shutil.copy(source / extra, final / extra)
+        if (run.source / extra).exists():
+            shutil.copy(run.source / extra, final / extra)
     tokenizer.save_pretrained(final)
 
-    quantized = set()
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            quantized.update(f"{name}.{t}" for t in module.tensor_names)
-    tensors = {name: (t if name in quantized or not t.is_floating_point() else t.to(dtype))
-               for name, t in checkpoint.dedupe_shared(model.state_dict()).items()}
+    state = model.state_dict()
+    tensors = {}
+    for name, spec in run.plan.stored_tensors().items():
+        if name not in state or tuple(state[name].shape) != spec.shape:
+            raise ModelError(f"{name}: the quantized model does not hold the tensor its plan "
+                             f"expects ({spec.dtype} {list(spec.shape)})")
+        tensors[name] = state[name].to(spec.dtype)
     files = checkpoint.save_weights(final, tensors)
+    run.plan.check_tensors(plans.file_tensors(final), final)
 
-    quant_bits = sum(r["bits_per_weight"] * r["shape"][0] * r["shape"][1] for r in layers.values())
-    quant_weights = sum(r["shape"][0] * r["shape"][1] for r in layers.values())
     report = {**summary, "calibration": quant_config["calibration"],
-              "totals": {"quantized_layers": len(layers),
-                         "bits_per_weight": round(quant_bits / max(quant_weights, 1), 4),
+              "totals": {"quantized_layers": len(run.plan.layers),
+                         "bits_per_weight": round(run.plan.bits_per_weight(), 4),
                          "bytes_on_disk": sum(f["bytes"] for f in files.values())},
               "files": files, "layers": layers}
     checkpoint.write_json(final / checkpoint.REPORT, report)
     staging.publish()
-
-
-def _torch_dtype(name) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float16
 
 
 def version() -> str:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import torch
 
 from quant.errors import ModelError
-from quant.traverse import BlockInputs, run_batches, run_block
+from quant.traverse import BlockRun
 
 
 class _Stop(Exception):
     pass
 
 
-def input_groups(block, linears: dict, inputs: BlockInputs, index: int, device) -> list[list[str]]:
+def input_groups(run: BlockRun, linears: dict) -> list[list[str]]:
     """Names of `linears` grouped by the input tensor they share, in execution order
     (q/k/v, o, gate/up, down for a Llama block), from one forward of the first batch."""
     # Holding on to the inputs keeps their memory from being reused by a later tensor, so
@@ -29,7 +29,7 @@ def input_groups(block, linears: dict, inputs: BlockInputs, index: int, device) 
     handles = [linears[name].register_forward_pre_hook(record(name)) for name in linears]
     try:
         with torch.no_grad():
-            run_block(block, inputs.hidden[0], inputs.calls[index][0], device)
+            run.first()
     finally:
         for handle in handles:
             handle.remove()
@@ -41,12 +41,13 @@ def input_groups(block, linears: dict, inputs: BlockInputs, index: int, device) 
         last_input = x
     missing = set(linears) - {name for name, _ in order}
     if missing:
-        raise ModelError(f"block {index}: linears never called in forward: {sorted(missing)}")
+        raise ModelError(f"block {run.index}: linears never called in forward: "
+                         f"{sorted(missing)}")
     return groups
 
 
-def collect_hessians(block, groups: list[list[str]], inputs: BlockInputs, index: int, device,
-                     dtype: torch.dtype, replay=None) -> dict[str, torch.Tensor]:
+def collect_hessians(run: BlockRun, groups: list[list[str]],
+                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """H of each group's shared input over every calibration batch; each batch's forward
     stops as soon as the last of these groups has seen its input. Returns H by linear name."""
     firsts = [group[0] for group in groups]
@@ -65,11 +66,11 @@ def collect_hessians(block, groups: list[list[str]], inputs: BlockInputs, index:
                 raise _Stop
         return hook
 
-    handles = [block.get_submodule(name).register_forward_pre_hook(accumulate(name))
+    handles = [run.block.get_submodule(name).register_forward_pre_hook(accumulate(name))
                for name in firsts]
     try:
         with torch.no_grad():
-            for _ in run_batches(block, inputs, index, device, replay, stop=_Stop):
+            for _ in run.batches(stop=_Stop):
                 pass
     finally:
         for handle in handles:
@@ -78,7 +79,7 @@ def collect_hessians(block, groups: list[list[str]], inputs: BlockInputs, index:
     for group in groups:
         H = sums[group[0]] * (2 / tokens["n"])
         if not torch.isfinite(H).all():  # any NaN/inf activation ends up here
-            raise ModelError(f"calibration activations entering {group[0]} in block {index} "
+            raise ModelError(f"calibration activations entering {group[0]} in block {run.index} "
                              "contain NaN or inf; the model overflows on this data")
         hessians.update({name: H for name in group})
     return hessians

@@ -4,7 +4,8 @@ the linears inside them, and capture what each block receives."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -248,26 +249,62 @@ class ChildReplay:
         return out if tail.arity is None else (out,) + (None,) * (tail.arity - 1)
 
 
-@contextlib.contextmanager
-def replay_finished_children(block: nn.Module, linears: dict[str, nn.Module]):
-    replay = ChildReplay(block, linears)
-    try:
-        yield replay
-    finally:
-        replay.restore()
+@dataclass
+class BlockRun:
+    """One decoder block at work in the pipeline: the block, what it receives for every
+    calibration batch, the device it runs on and, while its linears are being quantized,
+    the replay of its finished children (`replaying`). `on_step` hears what the run is
+    doing (the progress bar's text)."""
 
+    block: nn.Module
+    inputs: BlockInputs
+    index: int
+    device: torch.device
+    name: str = ""  # the block's module name, e.g. "model.layers.3"
+    replay: ChildReplay | None = None
+    on_step: Callable[[str], None] = field(default=lambda step: None, repr=False)
 
-def run_batches(block, inputs: BlockInputs, index: int, device, replay: ChildReplay | None = None,
-                stop: type[Exception] | None = None):
-    """Yield the block's output for each calibration batch (None where `stop` cut it short)."""
-    if replay is not None:
-        replay.refresh()
-    for b, (hidden, call) in enumerate(zip(inputs.hidden, inputs.calls[index])):
-        if replay is not None:
-            replay.batch = b
+    def forward(self, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
+        return run_block(self.block, hidden, call, self.device)
+
+    def first(self) -> torch.Tensor:
+        """The block's output for the first calibration batch (nothing replayed)."""
+        return self.forward(self.inputs.hidden[0], self.inputs.calls[self.index][0])
+
+    def batches(self, stop: type[Exception] | None = None) -> Iterator[torch.Tensor | None]:
+        """The block's output for each calibration batch (None where `stop` cut it short),
+        finished children replayed while `replaying`."""
+        if self.replay is not None:
+            self.replay.refresh()
+        for b, (hidden, call) in enumerate(zip(self.inputs.hidden, self.inputs.calls[self.index])):
+            if self.replay is not None:
+                self.replay.batch = b
+            try:
+                yield self.forward(hidden, call)
+            except Exception as exc:
+                if stop is None or not isinstance(exc, stop):
+                    raise
+                yield None
+
+    def advance(self, outputs: list[torch.Tensor]) -> None:
+        """The block's outputs become the next block's inputs."""
+        self.inputs.advance(outputs)
+
+    def subset(self, batches) -> "BlockRun":
+        """The same block on only the calibration batches numbered `batches`."""
+        return BlockRun(self.block, self.inputs.subset(batches), self.index, self.device,
+                        self.name)
+
+    def rows(self, batch: int, rows: slice) -> tuple[torch.Tensor, tuple]:
+        """(hidden, call) for some sequences of one batch (BlockInputs.rows)."""
+        return self.inputs.rows(self.index, batch, rows)
+
+    @contextlib.contextmanager
+    def replaying(self, linears: dict[str, nn.Module]):
+        """Replay the outputs of children whose `linears` are all quantized (ChildReplay)."""
+        self.replay = ChildReplay(self.block, linears)
         try:
-            yield run_block(block, hidden, call, device)
-        except Exception as exc:
-            if stop is None or not isinstance(exc, stop):
-                raise
-            yield None
+            yield self.replay
+        finally:
+            self.replay.restore()
+            self.replay = None

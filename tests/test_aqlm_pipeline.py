@@ -8,7 +8,6 @@ from transformers import AutoModelForCausalLM
 
 import quant
 from quant.data import CalibConfig
-from quant.errors import CheckpointError
 from quant.export import export
 from quant.layers import QuantLinear
 from quant.pipeline import QuantizeJob, quantize
@@ -78,21 +77,13 @@ def test_aqlm_export_round_trip_gives_identical_logits(aqlm_dir, tmp_path):
     assert torch.equal(a, b)
 
 
-def test_mixed_shapes_and_int_checkpoints_do_not_export_to_aqlm(aqlm_dir, tmp_path, tiny_dir):
-    import shutil
-
-    mixed = tmp_path / "mixed"
-    shutil.copytree(aqlm_dir, mixed)
-    config = json.loads((mixed / "config.json").read_text())
-    config["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"]["in_group_size"] = 8
-    (mixed / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="--codebooks"):
-        export(mixed, "aqlm", tmp_path / "x")
+def test_int_checkpoints_do_not_export_to_aqlm(tmp_path, tiny_dir):
+    # mixed codebook shapes: tests/test_plan.py
     rtn = quantize(QuantizeJob("rtn", {"bits": 4, "group_size": 32}, str(tiny_dir), CALIB,
                                tmp_path / "rtn", progress=False))
     assert_user_error(run("export", str(rtn), str(tmp_path / "y"), "--format", "aqlm"),
                       "codebook")
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert not (tmp_path / "y").exists()
 
 
 def test_aqlm_cli_reports_the_chosen_shapes(tmp_path, tiny_dir):
@@ -104,8 +95,7 @@ def test_aqlm_cli_reports_the_chosen_shapes(tmp_path, tiny_dir):
     info = run("info", str(tmp_path / "c"))
     report = json.loads((tmp_path / "c" / "quant_report.json").read_text())
     for name, entry in report["layers"].items():  # the shape the method chose, per layer
-        assert re.search(rf"{re.escape(name)}\s+{entry['codebooks']} g{entry['in_group']}\s",
-                         info.stdout), name
+        assert re.search(rf"{re.escape(name)}\s+{entry['scheme']}\s", info.stdout), name
     assert "before distillation" in info.stdout
     assert_user_error(run("quantize", str(tiny_dir), "--method", "aqlm", "--codebooks", "1x16",
                           "--no-eval", "--out", str(tmp_path / "d")), "larger than the")

@@ -13,7 +13,7 @@ from quant.methods import make_method
 from quant.models import load_fp
 from quant.pipeline import QuantizeJob, calibration_matmuls, quantize, quantize_linears
 from quant.stats import collect_hessians
-from quant.traverse import capture_block_inputs, find_blocks
+from quant.traverse import BlockRun, capture_block_inputs, find_blocks
 
 CALIB = CalibConfig("wiki-demo", nsamples=8, seqlen=64, seed=0)
 AUTOCAST = dict(device_type="cpu", dtype=torch.bfloat16)
@@ -28,8 +28,8 @@ def test_hessians_accumulate_in_fp32_from_bf16_activations(tiny_dir, demo_tokeni
     handle = o_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
     try:
         with torch.autocast(**AUTOCAST):
-            H = collect_hessians(blocks[0], [["self_attn.o_proj"]], inputs, 0, "cpu",
-                                 torch.float32)["self_attn.o_proj"]
+            run = BlockRun(blocks[0], inputs, 0, torch.device("cpu"))
+            H = collect_hessians(run, [["self_attn.o_proj"]], torch.float32)["self_attn.o_proj"]
     finally:
         handle.remove()
     assert seen[0].dtype == torch.bfloat16
@@ -45,9 +45,10 @@ def test_the_methods_math_ignores_the_autocast():
     X = torch.randn(32, 200, generator=gen)
     H = 2 * X @ X.t() / 200
     method = make_method("aqlm", codebooks="1x6", in_group=4, bits=2, max_epochs=2)
-    plain = quantize_linears("x.", {"w": linear}, method, H)["w"]
+    layer = {"w": (linear, method.plan_layer("x.w", 16, 32))}
+    plain = quantize_linears("x", layer, method, H)["w"]
     with torch.autocast(**AUTOCAST):
-        cast = quantize_linears("x.", {"w": linear}, method, H)["w"]
+        cast = quantize_linears("x", layer, method, H)["w"]
     assert torch.equal(plain[1], cast[1])
     assert plain[2]["rel_output_mse"] == cast[2]["rel_output_mse"]
 

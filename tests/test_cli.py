@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from quant.data import CalibConfig
-from quant.methods import METHODS
+from quant.methods import METHODS, make_method
 from quant.pipeline import QuantizeJob, quantize
 
 
@@ -146,6 +146,6 @@ def test_two_bit_integer_grids_point_to_aqlm(work, tiny_dir, capsys):
     assert len(notes) == 1 and "--method aqlm --bits 2" in notes[0]
     assert (work / "out" / "model.safetensors").exists()
     for name in ("rtn", "gptq"):
-        assert METHODS[name].Config(bits=2).caution() is not None
-        assert METHODS[name].Config(bits=3).caution() is None
-    assert not hasattr(METHODS["aqlm"].Config(), "caution")
+        assert make_method(name, bits=2).caution() is not None
+        assert make_method(name, bits=3).caution() is None
+    assert make_method("aqlm", bits=2).caution() is None

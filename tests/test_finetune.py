@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 import quant
 from quant import checkpoint
@@ -20,7 +19,8 @@ from quant.layers import QuantLinear
 from quant.methods import make_method
 from quant.models import load_fp
 from quant.pipeline import QuantizeJob, quantize, quantize_block, quantized_tensors, restore_block
-from quant.traverse import capture_block_inputs, find_blocks, find_linears, run_block
+from quant.plan import LayerSpec
+from quant.traverse import BlockRun, capture_block_inputs, find_blocks, find_linears
 
 CALIB = CalibConfig("wiki-demo", nsamples=8, seqlen=64, seed=0)
 OPTIONS = {"codebooks": "2x6", "in_group": 4, "bits": 3, "max_epochs": 2, "finetune_steps": 0}
@@ -91,13 +91,20 @@ def quantized_block(tiny_dir, demo_tokenizer):
     model = load_fp(tiny_dir, torch.float32)
     prefix, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks, calibration_windows(CALIB, demo_tokenizer), 4)
-    block = blocks[0]
-    targets = block_outputs(block, inputs, 0, "cpu")
+    run = BlockRun(blocks[0], inputs, 0, torch.device("cpu"), f"{prefix}.0")
+    targets = block_outputs(run)
     hidden = list(inputs.hidden)
-    quantize_block(block, find_linears(block), make_method("aqlm", **OPTIONS), inputs, 0,
-                   f"{prefix}.0.", "cpu", tqdm(disable=True))
+    method = make_method("aqlm", **OPTIONS)
+    specs = {name: method.plan_layer(name, linear.out_features, linear.in_features)
+             for name, linear in find_linears(run.block).items()}
+    quantize_block(run, specs, method)
     inputs.hidden = hidden
-    return block, inputs, targets
+    return run, targets
+
+
+def copy_of(run):
+    """The block run on a deep copy of its block."""
+    return BlockRun(copy.deepcopy(run.block), run.inputs, run.index, run.device, run.name)
 
 
 def tensors_of(block):
@@ -105,52 +112,53 @@ def tensors_of(block):
 
 
 def test_tuning_lowers_the_block_error_and_keeps_codes(quantized_block):
-    block, inputs, targets = quantized_block
-    block = copy.deepcopy(block)
-    start = tensors_of(block)
-    result = finetune_block(block, inputs, 0, "cpu", targets, FinetuneConfig(steps=20, lr=3e-3))
+    run, targets = quantized_block
+    run = copy_of(run)
+    start = tensors_of(run.block)
+    result = finetune_block(run, targets, FinetuneConfig(steps=20, lr=3e-3))
     assert result["after"] < 0.9 * result["before"]
-    _, outputs = relative_error(block, inputs, 0, "cpu", targets)
+    _, outputs = relative_error(run, targets)
     assert all(torch.equal(a, b) for a, b in zip(outputs, result["outputs"]))
-    checked = range(0, len(inputs.hidden), CHECK_EVERY)
-    after, _ = relative_error(block, inputs.subset(checked), 0, "cpu",
-                              [targets[b] for b in checked])
+    checked = range(0, len(run.inputs.hidden), CHECK_EVERY)
+    after, _ = relative_error(run.subset(checked), [targets[b] for b in checked])
     assert result["after"] == pytest.approx(after)
-    end = tensors_of(block)
+    end = tensors_of(run.block)
     for name in start:
         changed = not torch.equal(start[name], end[name])
         assert changed == (name.endswith(("codebooks", "scales")) or "norm" in name), name
 
 
 def test_a_step_on_some_sequences_sees_exactly_their_rows_of_the_batch(quantized_block):
-    block, inputs, _ = quantized_block
+    run, _ = quantized_block
     with torch.no_grad():
-        full = run_block(block, inputs.hidden[1], inputs.calls[0][1], "cpu")
-        part = run_block(block, *inputs.rows(0, 1, slice(1, 3)), "cpu")
+        full = run.forward(run.inputs.hidden[1], run.inputs.calls[0][1])
+        part = run.forward(*run.rows(1, slice(1, 3)))
     assert part.shape[0] == 2
     torch.testing.assert_close(part, full[1:3], rtol=1e-5, atol=1e-5)
 
 
 def test_tuning_that_hurts_is_undone(quantized_block):
-    block, inputs, targets = quantized_block
-    block = copy.deepcopy(block)
-    start = tensors_of(block)
-    result = finetune_block(block, inputs, 0, "cpu", targets, FinetuneConfig(steps=3, lr=10.0))
+    run, targets = quantized_block
+    run = copy_of(run)
+    start = tensors_of(run.block)
+    result = finetune_block(run, targets, FinetuneConfig(steps=3, lr=10.0))
     assert result["after"] == result["before"]
-    end = tensors_of(block)
+    end = tensors_of(run.block)
     assert all(torch.equal(v, end[k]) for k, v in start.items())
 
 
 def test_a_tuned_block_is_restored_with_its_norms(quantized_block, tmp_path):
-    block, inputs, targets = quantized_block
-    block = copy.deepcopy(block)
-    finetune_block(block, inputs, 0, "cpu", targets, FinetuneConfig(steps=5, lr=3e-3))
-    modules = {f"model.layers.0.{n}": m.config for n, m in block.named_modules()
-               if isinstance(m, QuantLinear)}
+    run, targets = quantized_block
+    run = copy_of(run)
+    block = run.block
+    finetune_block(run, targets, FinetuneConfig(steps=5, lr=3e-3))
+    specs = {n: LayerSpec(m.out_features, m.in_features, m.config)
+             for n, m in block.named_modules() if isinstance(m, QuantLinear)}
     staging = checkpoint.Staging(tmp_path / "out")
     staging.open({"run": 1}, resume=False, overwrite=False)
-    staging.save_block(0, quantized_tensors(block, "model.layers.0."), modules, {})
-    fresh = copy.deepcopy(quantized_block[0])
+    staging.save_block(0, quantized_tensors(run), {f"model.layers.0.{n}": s.config
+                                                    for n, s in specs.items()}, {})
+    fresh = copy.deepcopy(quantized_block[0].block)
     for name, m in fresh.named_modules():  # back to plain linears, as a resumed run has them
         if isinstance(m, QuantLinear):
             linear = torch.nn.Linear(m.in_features, m.out_features, bias=False)
@@ -159,7 +167,7 @@ def test_a_tuned_block_is_restored_with_its_norms(quantized_block, tmp_path):
         for p in fresh.parameters():
             if p.dim() == 1:
                 p.fill_(1.0)
-    restore_block(fresh, staging, 0, "model.layers.0.")
+    restore_block(BlockRun(fresh, run.inputs, 0, run.device, "model.layers.0"), specs, staging)
     restored, tuned = tensors_of(fresh), tensors_of(block)
     assert restored.keys() == tuned.keys()
     assert all(torch.equal(v, restored[k]) for k, v in tuned.items())
@@ -185,10 +193,10 @@ def test_a_resumed_tuned_run_equals_an_uninterrupted_one(tiny_dir, tmp_path, mon
                                  progress=False))
     real = pipeline.quantize_block
 
-    def crash_at_the_last_block(block, linears, method, inputs, index, *args):
-        if index == len(find_blocks(load_fp(tiny_dir, torch.float32))[1]) - 1:
+    def crash_at_the_last_block(run, specs, method):
+        if run.index == len(find_blocks(load_fp(tiny_dir, torch.float32))[1]) - 1:
             raise RuntimeError("crash")
-        return real(block, linears, method, inputs, index, *args)
+        return real(run, specs, method)
 
     monkeypatch.setattr(pipeline, "quantize_block", crash_at_the_last_block)
     job = QuantizeJob("aqlm", options, str(tiny_dir), CALIB, tmp_path / "resumed", progress=False)

@@ -15,8 +15,8 @@ from quant.layers import QuantLinear, set_kernel_preference
 from quant.models import load_fp
 from quant.pipeline import QuantizeJob, quantize
 from quant.stats import collect_hessians, input_groups
-from quant.traverse import capture_block_inputs, find_blocks, find_linears
-from tests.conftest import make_tiny_model
+from quant.traverse import BlockRun, capture_block_inputs, find_blocks, find_linears
+from tests.conftest import make_tiny_model, quantize_one
 
 CALIB = CalibConfig("wiki-demo", nsamples=6, seqlen=64, seed=0)
 
@@ -31,10 +31,11 @@ def block_inputs(model_dir, tokenizer):
 def test_groups_and_hessian_of_first_block(tiny_dir, demo_tokenizer):
     model, blocks, ids, inputs = block_inputs(tiny_dir, demo_tokenizer)
     linears = find_linears(blocks[0])
-    groups = input_groups(blocks[0], linears, inputs, 0, "cpu")
+    run = BlockRun(blocks[0], inputs, 0, torch.device("cpu"))
+    groups = input_groups(run, linears)
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                       ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
-    hessians = collect_hessians(blocks[0], groups[:1], inputs, 0, "cpu", torch.float64)
+    hessians = collect_hessians(run, groups[:1], torch.float64)
     with torch.no_grad():
         x = blocks[0].input_layernorm(model.model.embed_tokens(ids)).double().reshape(-1, 64)
     expected = 2 * x.t() @ x / x.shape[0]
@@ -52,7 +53,8 @@ def gptq_ckpt(tmp_path_factory, tiny_dir):
 def test_report_and_act_order_checkpoint(gptq_ckpt, tiny_dir, demo_tokenizer):
     report = json.loads((gptq_ckpt / "quant_report.json").read_text())
     for entry in report["layers"].values():
-        assert entry["act_order"] and entry["gptq_loss"] >= 0 and entry["damp"] == 0.01
+        assert entry["scheme"] == "int3 g32 act-order"
+        assert entry["gptq_loss"] >= 0 and entry["damp"] == 0.01
         assert 0 < entry["rel_output_mse"] < 0.2 and "seconds" in entry
     model = quant.load(gptq_ckpt)
     reference = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
@@ -118,6 +120,6 @@ def test_zero_inputs_fall_back_to_rounding(tmp_path, demo_tokenizer):
     model = quant.load(out)
     rtn = quant.methods.make_method("rtn", bits=4, group_size=32)
     fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    expected = rtn.quantize(fp.model.layers[0].self_attn.q_proj.weight.data)[0].dequantize()
+    expected = quantize_one(rtn, fp.model.layers[0].self_attn.q_proj.weight.data)[0].dequantize()
     got = model.model.layers[0].self_attn.q_proj.quantized_weight().dequantize()
     assert torch.equal(got, expected)

@@ -57,8 +57,8 @@ def reconstruct(codes: torch.Tensor, books: torch.Tensor, scales: torch.Tensor,
 
 def codeword_uses(index: torch.Tensor, k: int, dtype=torch.float32) -> torch.Tensor:
     """Sparse [k, n] matrix with a one at (index[i], i): times rows [n, g], the sum of
-    each codeword's rows. On the CPU that product took 0.5 ms where index_add_ into the
-    k rows took 8 ms (110592 rows, k = 256)."""
+    each codeword's rows: on the CPU far faster than index_add_ into the k rows
+    (benchmarks/cpu-design-notes.json)."""
     crow = torch.zeros(k + 1, dtype=torch.long, device=index.device)
     crow[1:] = torch.cumsum(torch.bincount(index, minlength=k), 0)
     with warnings.catch_warnings():
@@ -93,6 +93,8 @@ class LookUp(torch.autograd.Function):
 
 @register_format("codebook")
 class CodebookWeight:
+    TUNABLE = True  # codebooks and scales, with the codes frozen (quant.finetune)
+
     def __init__(self, codes, codebooks, scales, *, in_features: int, out_features: int):
         self.codes, self.codebooks, self.scales = codes, codebooks, scales
         self.in_features, self.out_features = in_features, out_features
@@ -128,6 +130,11 @@ class CodebookWeight:
     def bits_per_weight(self) -> float:
         specs = self.tensor_specs(self.out_features, self.in_features, self.config)
         return stored_bits(specs) / (self.out_features * self.in_features)
+
+    def tuning_key(self) -> tuple[str, int]:
+        """(scheme name in tuned kernel configs, reduction steps: code groups per row)."""
+        return (f"{self.num_codebooks}x{self.nbits}g{self.in_group_size}",
+                self.in_features // self.in_group_size)
 
     # ---- construction ------------------------------------------------------------------
     @classmethod

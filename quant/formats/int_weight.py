@@ -35,12 +35,20 @@ def check_int_config(bits: int, group_size: int, in_features: int | None = None)
                               f"{in_features}; choose a divisor of it or -1")
 
 
+def int_config(bits: int, group_size: int, sym: bool, act_order: bool) -> dict:
+    """The module config of an integer layer (act_order: it stores g_idx)."""
+    return {"format": "int", "bits": bits, "group_size": group_size, "sym": sym,
+            "act_order": act_order}
+
+
 def num_groups(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else in_features // group_size
 
 
 @register_format("int")
 class IntWeight:
+    TUNABLE = False  # no continuous parts the fine-tuning stages tune (quant.finetune)
+
     def __init__(self, qweight, qzeros, scales, g_idx, *, bits: int, group_size: int,
                  sym: bool, in_features: int, out_features: int):
         self.qweight, self.qzeros, self.scales, self.g_idx = qweight, qzeros, scales, g_idx
@@ -64,8 +72,7 @@ class IntWeight:
 
     @property
     def config(self) -> dict:
-        return {"format": "int", "bits": self.bits, "group_size": self.group_size,
-                "sym": self.sym, "act_order": self.g_idx is not None}
+        return int_config(self.bits, self.group_size, self.sym, self.g_idx is not None)
 
     @property
     def name(self) -> str:
@@ -82,6 +89,10 @@ class IntWeight:
     def bits_per_weight(self) -> float:
         specs = self.tensor_specs(self.out_features, self.in_features, self.config)
         return stored_bits(specs) / (self.out_features * self.in_features)
+
+    def tuning_key(self) -> tuple[str, int]:
+        """(scheme name in tuned kernel configs, reduction steps: input columns)."""
+        return f"int{self.bits}", self.in_features
 
     # ---- construction ------------------------------------------------------------------
     @classmethod

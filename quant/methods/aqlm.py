@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import torch
 
 from quant.errors import ConfigError
-from quant.formats import stored_bits
 from quant.formats.codebook_weight import CodebookWeight, check_codebook_config, codebook_config
 from quant.methods import codebooks as cb
-from quant.methods.base import FinetuneConfig, register_method
+from quant.methods.base import (Calibration, FinetuneConfig, LayerSpec, Method, Stages,
+                                register_method)
 from quant.stats import output_energy, relative_output_error
 
 
@@ -33,15 +33,15 @@ class Shape:
     def __str__(self) -> str:
         return f"{self.num_codebooks}x{self.nbits} g{self.in_group}"
 
-    def stored_bits(self, out_features: int, in_features: int, tensors=None) -> int:
-        """Bits a layer of this shape stores: all of them, or only the named `tensors`
-        (codes, codebooks, scales), counted by the format itself."""
+    def spec(self, out_features: int, in_features: int, note: str = "") -> LayerSpec:
+        """A layer of this shape, as planned (its bits are counted by the format)."""
         config = codebook_config(self.num_codebooks, self.nbits, self.in_group)
-        specs = CodebookWeight.tensor_specs(out_features, in_features, config)
-        return stored_bits({k: v for k, v in specs.items() if tensors is None or k in tensors})
+        return LayerSpec(out_features, in_features, config, note)
 
-    def bits_per_weight(self, out_features: int, in_features: int) -> float:
-        return self.stored_bits(out_features, in_features) / (out_features * in_features)
+    @classmethod
+    def of(cls, spec: LayerSpec) -> "Shape":
+        c = spec.config
+        return cls(c["num_codebooks"], c["nbits_per_codebook"], c["in_group_size"])
 
     def groups(self, out_features: int, in_features: int) -> int:
         """Weight groups (codes per codebook) of a layer."""
@@ -56,10 +56,9 @@ class Shape:
 def candidate_shapes(bits: int) -> list[Shape]:
     """Codebook shapes storing exactly `bits` code bits per weight, best first: 16-bit
     codebooks (1x16 g8 is the paper's 2-bit) over in-groups near 8, then 8-bit ones,
-    fewest codebooks first. At equal code bits one 8-bit codebook over a smaller in-group
-    beats several over a larger one on every demo layer measured (1x8 g4 has 9-13% less
-    output error than 2x8 g8, 1x8 g2 than 2x8 g4 at 4 bits), in no more time and with a
-    quarter of the codebook storage."""
+    fewest codebooks first: at equal code bits one 8-bit codebook over a smaller in-group
+    has less output error than several over a larger one (README, aqlm), in no more time
+    and with a fraction of the codebook storage."""
     shapes = [Shape(m, b, m * b // bits) for b in (16, 8) for m in range(1, 9)
               if (m * b) % bits == 0 and m * b // bits in (2, 4, 8, 16)]
     return sorted(shapes, key=lambda s: (
@@ -96,10 +95,8 @@ class AQLMConfig:
         "help": "aqlm: weights per code group (default: --codebooks M*B / --bits)"})
     wide_layers: str = field(default="up_proj|o_proj", metadata={
         "help": "aqlm: layers (a regex searched in their names) that --bits gives up to half "
-                "again the code bits, by the next smaller in-group (1x8 g3 for 1x8 g4); the "
-                "default, the MLP's up and attention's output projections, took the demo "
-                "model from perplexity 11.96 (up_proj alone) to 11.54 at 2.28 bits per "
-                "weight; '' for none"})
+                "again the code bits, by the next smaller in-group (1x8 g3 for 1x8 g4); "
+                "default: the MLP's up and attention's output projections; '' for none"})
     codebook_budget: float = field(default=0.25, metadata={
         "help": "aqlm: when choosing shapes, the largest codebook storage allowed as a "
                 "fraction of the layer's code storage"})
@@ -169,26 +166,26 @@ class AQLMConfig:
 
 
 @register_method("aqlm")
-class AQLM:
+class AQLM(Method):
     Config = AQLMConfig
-    needs_hessian = True
-    true_sequential = True
-    hessian_dtype = torch.float32
-    default_nsamples = 128
-    bf16_calibration = True  # its 2-bit error is far above bf16 matmul rounding (pipeline)
-
-    def __init__(self, config: AQLMConfig):
-        self.config = config
 
     @property
-    def finetune(self) -> FinetuneConfig | None:
-        """The pipeline's block fine-tuning stage, when asked for."""
-        return FinetuneConfig.requested(self.config.finetune_steps, self.config.finetune_lr)
+    def calibration(self) -> Calibration:
+        # its 2-bit error is far above bf16 matmul rounding
+        return Calibration(nsamples=128, hessian=True, bf16_matmuls=True)
 
     @property
-    def distill(self) -> FinetuneConfig | None:
-        """The pipeline's model fine-tuning stage, when asked for."""
-        return FinetuneConfig.requested(self.config.distill_steps, self.config.distill_lr)
+    def stages(self) -> Stages:
+        c = self.config
+        return Stages(finetune=FinetuneConfig.requested(c.finetune_steps, c.finetune_lr),
+                      distill=FinetuneConfig.requested(c.distill_steps, c.distill_lr))
+
+    def label(self) -> str:
+        return f"aqlm-{self.config.bits}bit"
+
+    def plan_layer(self, name: str, out_features: int, in_features: int) -> LayerSpec:
+        shape, why = self.choose_shape(out_features, in_features, name)
+        return shape.spec(out_features, in_features, why)
 
     def choose_shape(self, out_features: int, in_features: int,
                      name: str = "") -> tuple[Shape, str]:
@@ -221,7 +218,7 @@ class AQLM:
                               f"{out_features}x{in_features} layer")
 
         def storage(s: Shape, tensor: str) -> int:
-            return s.stored_bits(out_features, in_features, [tensor])
+            return s.spec(out_features, in_features).stored_bits([tensor])
 
         for shape in fitting:
             if storage(shape, "codebooks") <= c.codebook_budget * storage(shape, "codes"):
@@ -229,19 +226,11 @@ class AQLM:
         smallest = min(fitting, key=lambda s: storage(s, "codebooks"))
         return smallest, "smallest codebook (none within --codebook-budget)"
 
-    def check_layer(self, name: str, out_features: int, in_features: int) -> None:
-        try:
-            self.choose_shape(out_features, in_features, name)
-        except ConfigError as exc:
-            raise ConfigError(f"{name}: {exc}") from None
-
-    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor, name: str = ""):
-        shape, why = self.choose_shape(*weight.shape, name)
-        result = quantize_layer(weight.float(), hessian.float(), shape, self.config)
+    def quantize(self, weight: torch.Tensor, stats: torch.Tensor, spec: LayerSpec):
+        result = quantize_layer(weight.float(), stats.float(), Shape.of(spec), self.config)
         fmt = CodebookWeight.from_parts(result["codes"], result["books"], result["scales"])
-        return fmt, {"codebooks": f"{shape.num_codebooks}x{shape.nbits}",
-                     "in_group": shape.in_group, "shape_choice": why,
-                     "epochs": result["epochs"], "aqlm_rel_loss": result["rel_loss"]}
+        return fmt, {"shape_choice": spec.note, "epochs": result["epochs"],
+                     "aqlm_rel_loss": result["rel_loss"]}
 
 
 def quantize_layer(W: torch.Tensor, H: torch.Tensor, shape: Shape, config: AQLMConfig) -> dict:

@@ -146,8 +146,8 @@ def _codewords(books, codes_j, chosen) -> torch.Tensor:
 def _pair_argmin(target, pair, H_jj, current, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (a, b) minimising v^T H_jj v - 2 target.v for v = pair[0][a] + pair[1][b], per
     row, among the `beam` best a on their own (and the current a), each with every b.
-    Exhaustive when beam >= 2^B. (Also searching the best b with every a took 1.7x the
-    time for ~1% lower layer error; alternating the two between sweeps did worse.)"""
+    Exhaustive when beam >= 2^B. (Also searching the best b with every a costs more time
+    than its error gain: benchmarks/cpu-design-notes.json.)"""
     books_hh = pair @ H_jj                                    # [2, K, g]
     own = (books_hh * pair).sum(2)[:, None] - 2 * target @ pair.transpose(1, 2)  # [2, R, K]
     cross = 2 * books_hh[0] @ pair[1].t()                     # [K, K]: a with b
@@ -174,7 +174,7 @@ def _min_scores(target, book, norms) -> tuple[torch.Tensor, torch.Tensor]:
     """(min, argmin) over c of  norms[c] - 2 target[r] . book[c]  for each row r, in row
     chunks."""
     chunk = max(1, SCORE_ENTRIES // book.shape[0])
-    # min(): the same first-minimum index as argmin, ~1.5x faster on the CPU
+    # min(): the same first-minimum index as argmin, faster on the CPU
     found = [torch.addmm(norms[None], part, book.t(), alpha=-2).min(1)
              for part in target.split(chunk)]
     return torch.cat([f.values for f in found]), torch.cat([f.indices for f in found])
@@ -188,12 +188,12 @@ def _indexed(book: torch.Tensor) -> bool:
 
 class CodewordIndex:
     """Approximate argmin over a large codebook (1x16: 65536 codewords), for `update_codes`
-    on the CPU, where scoring every codeword of a 4096-row group takes ~0.5 s. The
+    on the CPU, where scoring every codeword of a large row group is slow. The
     codewords are clustered once per sweep (k-means, sqrt(K) clusters); a row scores the
     cluster centres, then every codeword of its `probe` best clusters, the rows that probe
     one cluster together in one matmul. The current code stays a candidate, so a sweep
-    never increases L. On a 1024x1024 synthetic layer, sweeps through it reached the
-    exhaustive search's error (scripts/aqlm_synthetic.py) at ~8x its speed."""
+    never increases L. Sweeps through it reach the exhaustive search's error several times
+    faster (benchmarks/cpu-design-notes.json)."""
 
     def __init__(self, book: torch.Tensor, probe: int = INDEX_PROBE):
         k = book.shape[0]

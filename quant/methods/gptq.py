@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from quant.errors import ConfigError, ModelError
-from quant.formats.int_weight import IntWeight, check_int_config
-from quant.methods.base import register_method
-from quant.methods.intgrid import (IntGridOptions, dequant_grid, effective_group_size, fit_grid,
+from quant.formats.int_weight import IntWeight
+from quant.methods.base import Calibration, LayerSpec, register_method
+from quant.methods.intgrid import (IntGridMethod, IntGridOptions, dequant_grid, fit_grid,
                                    round_to_grid)
 
 DAMP_RETRIES = 6  # each retry multiplies the damping by 10
@@ -104,10 +104,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int, sym: b
     return GPTQResult(Q.to(torch.int32), zeros, scales, g_idx, Losses, damp, int(dead.sum()))
 
 
+HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
 @dataclass(frozen=True)
 class GPTQConfig(IntGridOptions):
-    # On by default: on the demo model it takes 4-bit g64 from 9.61 to 8.94 perplexity
-    # (benchmarks/gptq-demo-cpu.json); --no-act-order drops the g_idx it stores.
     act_order: bool = field(default=True, metadata={
         "help": "quantize columns by descending Hessian diagonal (desc_act; stores g_idx); "
                 "on by default"})
@@ -132,54 +133,49 @@ class GPTQConfig(IntGridOptions):
             raise ConfigError(f"--percdamp must be in [0, 1) (got {self.percdamp})")
         if self.blocksize < 1:
             raise ConfigError(f"--blocksize must be positive (got {self.blocksize})")
-        if self.hessian_dtype not in ("float32", "float64"):
+        if self.hessian_dtype not in HESSIAN_DTYPES:
             raise ConfigError("--hessian-dtype must be float32 or float64")
         return self
 
 
 @register_method("gptq")
-class GPTQ:
+class GPTQ(IntGridMethod):
     Config = GPTQConfig
-    needs_hessian = True
-    default_nsamples = 128
-
-    def __init__(self, config: GPTQConfig):
-        self.config = config
 
     @property
-    def hessian_dtype(self) -> torch.dtype:
-        return getattr(torch, self.config.hessian_dtype)
+    def calibration(self) -> Calibration:
+        return Calibration(nsamples=128, hessian=True,
+                           hessian_dtype=HESSIAN_DTYPES[self.config.hessian_dtype],
+                           true_sequential=self.config.true_sequential)
 
-    @property
-    def true_sequential(self) -> bool:
-        return self.config.true_sequential
+    def stores_g_idx(self, group_size: int) -> bool:
+        # static groups and one group per channel keep the groups contiguous: no g_idx
+        c = self.config
+        return c.act_order and not c.static_groups and group_size != -1
 
-    def group_size(self, in_features: int) -> int:
-        return effective_group_size(self.config.group_size, in_features)
+    def quantize(self, weight: torch.Tensor, stats: torch.Tensor,
+                 spec: LayerSpec) -> tuple[IntWeight, dict]:
+        return self.quantize_group([weight], stats, [spec])[0]
 
-    def check_layer(self, name: str, out_features: int, in_features: int) -> None:
-        check_int_config(self.config.bits, self.group_size(in_features), in_features)
-
-    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor,
-                 name: str = "") -> tuple[IntWeight, dict]:
-        return self.quantize_group([weight], hessian)[0]
-
-    def quantize_group(self, weights: list[torch.Tensor],
-                       hessian: torch.Tensor) -> list[tuple[IntWeight, dict]]:
+    def quantize_group(self, weights: list[torch.Tensor], stats: torch.Tensor,
+                       specs: list[LayerSpec]) -> list[tuple[IntWeight, dict]]:
         """Linears sharing an input share H, and GPTQ treats rows independently: one column
         loop over their stacked rows gives each the result it would get alone."""
-        c = self.config
-        group_size = self.group_size(weights[0].shape[1])
-        result = gptq(torch.cat(weights), hessian.to(self.hessian_dtype), bits=c.bits,
-                      group_size=group_size, sym=c.sym, act_order=c.act_order,
-                      static_groups=c.static_groups, blocksize=c.blocksize, percdamp=c.percdamp)
+        c, layer = self.config, specs[0].config
+        if any(spec.config != layer for spec in specs):
+            return [self.quantize(w, stats, spec) for w, spec in zip(weights, specs)]
+        result = gptq(torch.cat(weights), stats.to(HESSIAN_DTYPES[c.hessian_dtype]),
+                      bits=layer["bits"], group_size=layer["group_size"], sym=layer["sym"],
+                      act_order=c.act_order, static_groups=c.static_groups,
+                      blocksize=c.blocksize, percdamp=c.percdamp)
         out, start = [], 0
         for weight in weights:
             rows = slice(start, start + weight.shape[0])
             start = rows.stop
             fmt = IntWeight.from_ints(result.q[rows], result.zeros[:, rows],
-                                      result.scales[:, rows], bits=c.bits, group_size=group_size,
-                                      sym=c.sym, g_idx=None if result.g_idx is None
+                                      result.scales[:, rows], bits=layer["bits"],
+                                      group_size=layer["group_size"], sym=layer["sym"],
+                                      g_idx=None if result.g_idx is None
                                       else result.g_idx.clone())  # each layer owns its tensors
             out.append((fmt, {"gptq_loss": float(result.losses[rows].sum()),
                               "damp": result.damp, "dead_columns": result.dead_columns}))

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from quant.formats.int_weight import check_int_config
+from quant.formats.int_weight import check_int_config, int_config
+from quant.methods.base import LayerSpec, Method
 
 FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): keeps scales non-zero
 
@@ -93,10 +94,26 @@ class IntGridOptions:
         check_int_config(self.bits, 128 if self.group_size is None else self.group_size)
         return self
 
+
+class IntGridMethod(Method):
+    """What the integer-grid methods share: a layer's plan and the 2-bit caution."""
+
+    def stores_g_idx(self, group_size: int) -> bool:
+        """Whether a layer with this group size stores act-order's g_idx."""
+        return False
+
+    def plan_layer(self, name: str, out_features: int, in_features: int) -> LayerSpec:
+        c = self.config
+        group_size = effective_group_size(c.group_size, in_features)
+        check_int_config(c.bits, group_size, in_features)
+        return LayerSpec(out_features, in_features,
+                         int_config(c.bits, group_size, c.sym, self.stores_g_idx(group_size)))
+
     def caution(self) -> str | None:
-        """A line for the user when these options are known to ruin most models."""
-        if self.bits <= 2:
-            return ("2-bit integer grids lose most of a model's quality (demo model, "
-                    "group 64: perplexity 8.2 -> 6334 with gptq, 5e5 with rtn); "
-                    "--method aqlm --bits 2 keeps it (11.6)")
+        if self.config.bits <= 2:
+            return ("2-bit integer grids lose most of a model's quality (see the README's "
+                    "GPTQ table); --method aqlm --bits 2 keeps it")
         return None
+
+    def label(self) -> str:
+        return f"{self.name}-{self.config.bits}bit"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quant.formats.int_weight import IntWeight, check_int_config
-from quant.methods.base import register_method
-from quant.methods.intgrid import IntGridOptions, effective_group_size, quantize_groups
+from quant.formats.int_weight import IntWeight
+from quant.methods.base import Calibration, LayerSpec, register_method
+from quant.methods.intgrid import IntGridMethod, IntGridOptions, quantize_groups
 
 
 @dataclass(frozen=True)
@@ -15,23 +15,16 @@ class RTNConfig(IntGridOptions):
 
 
 @register_method("rtn")
-class RTN:
+class RTN(IntGridMethod):
     Config = RTNConfig
-    needs_hessian = False
-    default_nsamples = 32  # RTN uses calibration only to report each layer's output error
 
-    def __init__(self, config: RTNConfig):
-        self.config = config
+    @property
+    def calibration(self) -> Calibration:
+        # RTN reads no statistics: calibration only measures each layer's output error
+        return Calibration(nsamples=32)
 
-    def check_layer(self, name: str, out_features: int, in_features: int) -> None:
-        check_int_config(self.config.bits, self.group_size(in_features), in_features)
-
-    def group_size(self, in_features: int) -> int:
-        return effective_group_size(self.config.group_size, in_features)
-
-    def quantize(self, weight, hessian=None, name: str = "") -> tuple[IntWeight, dict]:
-        bits, sym = self.config.bits, self.config.sym
-        group_size = self.group_size(weight.shape[1])
-        q, zeros, scales = quantize_groups(weight, bits, group_size, sym)
-        return IntWeight.from_ints(q, zeros, scales, bits=bits, group_size=group_size,
-                                   sym=sym), {}
+    def quantize(self, weight, stats, spec: LayerSpec) -> tuple[IntWeight, dict]:
+        c = spec.config
+        q, zeros, scales = quantize_groups(weight, c["bits"], c["group_size"], c["sym"])
+        return IntWeight.from_ints(q, zeros, scales, bits=c["bits"],
+                                   group_size=c["group_size"], sym=c["sym"]), {}

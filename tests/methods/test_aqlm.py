@@ -231,14 +231,20 @@ DEMO_SHAPES = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576),
 
 
 def demo_bits_per_weight(method) -> float:
-    """Bits per weight of the demo's model (every block alike), codebooks and scales
-    counted."""
-    bits = weights = 0
-    for name, (out_features, in_features) in DEMO_SHAPES.items():
-        shape = method.choose_shape(out_features, in_features, name)[0]
-        bits += shape.stored_bits(out_features, in_features)
-        weights += out_features * in_features
-    return bits / weights
+    """Bits per weight of the quantized linears of a model shaped like the demo's (its
+    published config, two of its 30 alike blocks), as the method plans it."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from quant import plan as plans
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    plan = plans.for_method(model, method, torch.float16)
+    assert {name.split(".", 3)[3] for name in plan.layers} == set(DEMO_SHAPES)
+    return plan.bits_per_weight()
 
 
 def test_bits_choose_a_shape_per_layer_within_the_codebook_budget():
@@ -278,9 +284,9 @@ def test_wide_layers_get_the_next_smaller_in_group_within_half_again_the_bits():
 
 def test_bad_codebook_options_give_clear_errors():
     with pytest.raises(ConfigError, match="larger than the"):
-        make_method("aqlm", codebooks="1x16").check_layer("q_proj", 576, 576)
+        make_method("aqlm", codebooks="1x16").plan_layer("q_proj", 576, 576)
     with pytest.raises(ConfigError, match="does not divide"):
-        make_method("aqlm", codebooks="2x8", in_group=7).check_layer("q_proj", 576, 576)
+        make_method("aqlm", codebooks="2x8", in_group=7).plan_layer("q_proj", 576, 576)
     with pytest.raises(ConfigError, match="not reachable"):
         make_method("aqlm", bits=9)
     with pytest.raises(ConfigError, match="MxB"):

@@ -4,6 +4,7 @@ import torch
 from quant.errors import ConfigError, ModelError
 from quant.methods import make_method
 from quant.methods.gptq import gptq
+from tests.conftest import quantize_one
 
 
 def grid64(w: torch.Tensor, bits: int, sym: bool):
@@ -57,8 +58,9 @@ def test_matches_float64_reference(bits, group, sym, act_order, static):
     ours = gptq(W.double(), H.double(), bits=bits, group_size=group, sym=sym,
                 act_order=act_order, static_groups=static, blocksize=48 if group == 32 else 64)
     size = group
-    fmt = make_method("gptq", bits=bits, group_size=group, sym=sym, act_order=act_order,
-                      static_groups=static, hessian_dtype="float64").quantize(W, H)[0]
+    fmt = quantize_one(make_method("gptq", bits=bits, group_size=group, sym=sym,
+                                   act_order=act_order, static_groups=static,
+                                   hessian_dtype="float64"), W, H)[0]
     ref = reference_gptq(W, H, bits, size, sym, act_order, static)
     assert (fmt.dequantize(torch.float64) - ref).norm() / ref.norm() < 1e-5
     assert (fmt.g_idx is not None) == (act_order and not static)
@@ -69,7 +71,7 @@ def test_beats_round_to_nearest_on_the_hessian_norm():
     W, H = layer(out_f=64, in_f=256, seed=1)
     err = {}
     for method in ("rtn", "gptq"):
-        w_hat = make_method(method, bits=3, group_size=64).quantize(W, H)[0].dequantize()
+        w_hat = quantize_one(make_method(method, bits=3, group_size=64), W, H)[0].dequantize()
         delta = w_hat - W
         err[method] = float(((delta @ H) * delta).sum())
     assert err["gptq"] < 0.8 * err["rtn"]
@@ -78,9 +80,10 @@ def test_beats_round_to_nearest_on_the_hessian_norm():
 def test_group_of_layers_equals_each_alone():
     W, H = layer(out_f=40, in_f=128, seed=2)
     method = make_method("gptq", bits=4, group_size=32, act_order=True)
-    together = method.quantize_group([W[:16], W[16:]], H)
+    specs = [method.plan_layer("part", *W[:16].shape), method.plan_layer("part", *W[16:].shape)]
+    together = method.quantize_group([W[:16], W[16:]], H, specs)
     for part, (fmt, info) in zip((W[:16], W[16:]), together):
-        alone, alone_info = method.quantize(part, H)
+        alone, alone_info = quantize_one(method, part, H)
         assert torch.equal(fmt.ints()[0], alone.ints()[0]) and torch.equal(fmt.scales, alone.scales)
         assert info["gptq_loss"] == pytest.approx(alone_info["gptq_loss"], rel=1e-5)
 
@@ -91,8 +94,8 @@ def test_dead_columns_are_rounded_without_nans():
     H[:10, :] = 0
     result = gptq(W, H, bits=4, group_size=32, sym=False)
     assert result.dead_columns == 10 and torch.isfinite(result.scales).all()
-    all_dead = make_method("gptq", bits=4, group_size=32).quantize(W, torch.zeros(128, 128))
-    rtn = make_method("rtn", bits=4, group_size=32).quantize(W)[0]
+    all_dead = quantize_one(make_method("gptq", bits=4, group_size=32), W, torch.zeros(128, 128))
+    rtn = quantize_one(make_method("rtn", bits=4, group_size=32), W)[0]
     assert torch.equal(all_dead[0].dequantize(), rtn.dequantize())  # documented fallback
     assert all_dead[1]["dead_columns"] == 128
 

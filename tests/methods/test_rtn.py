@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from quant.errors import ConfigError
-from quant.methods import get_method, make_method, register_method
+from quant.methods import METHODS, get_method, make_method, register_method
+from tests.conftest import quantize_one
 
 
 def reference_rtn(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.Tensor:
@@ -24,7 +25,7 @@ def reference_rtn(w: torch.Tensor, bits: int, group: int, sym: bool) -> torch.Te
 def test_rtn_matches_reference(bits, group, sym):
     torch.manual_seed(bits)
     w = torch.randn(48, 192) * 0.05
-    fmt, _ = make_method("rtn", bits=bits, group_size=group, sym=sym).quantize(w)
+    fmt, _ = quantize_one(make_method("rtn", bits=bits, group_size=group, sym=sym), w)
     ours = fmt.dequantize(torch.float64)
     ref = reference_rtn(w, bits, group, sym)
     mismatch = (ours - ref).abs() > 1e-6
@@ -36,17 +37,17 @@ def test_rtn_matches_reference(bits, group, sym):
 def test_rtn_error_bounded_by_half_step():
     torch.manual_seed(0)
     w = torch.randn(16, 128)
-    fmt, _ = make_method("rtn", bits=4, group_size=32).quantize(w)
+    fmt, _ = quantize_one(make_method("rtn", bits=4, group_size=32), w)
     step = fmt.scales.float().t().repeat_interleave(32, dim=1)  # [out, in]
     assert ((fmt.dequantize() - w).abs() <= step / 2 + 1e-6).all()
 
 
 def test_default_group_size_follows_input_dim():
     rtn = make_method("rtn", bits=4)
-    assert rtn.group_size(4096) == 128 and rtn.group_size(576) == 64
-    assert rtn.group_size(1536) == 128 and rtn.group_size(100) == -1
+    group = {k: rtn.plan_layer("x", 8, k).config["group_size"] for k in (4096, 576, 1536, 100)}
+    assert group == {4096: 128, 576: 64, 1536: 128, 100: -1}
     with pytest.raises(ConfigError, match="does not divide"):
-        make_method("rtn", bits=4, group_size=128).check_layer("x", 8, 576)
+        make_method("rtn", bits=4, group_size=128).plan_layer("x", 8, 576)
 
 
 def test_registry_errors():
@@ -56,5 +57,27 @@ def test_registry_errors():
         make_method("rtn", act_order=True)
     with pytest.raises(ConfigError, match="--bits 7"):
         make_method("rtn", bits=7)
+    rtn = get_method("rtn")
     with pytest.raises(ValueError, match="already registered"):
-        register_method("rtn")(type("Other", (), {}))
+        register_method("rtn")(type("Other", (rtn,), {}))
+
+
+def test_the_method_contract_is_checked_at_registration():
+    """A method (ours or an entry point's) that misses part of the contract is refused,
+    naming what is missing."""
+    from quant.methods import Method
+    from quant.methods.base import check_method_class
+
+    class Half(Method):
+        Config = get_method("rtn").Config
+
+        def calibration(self):
+            return None
+
+    with pytest.raises(ConfigError, match="does not implement plan_layer, quantize"):
+        check_method_class(Half, "entry point 'half'")
+    with pytest.raises(ConfigError, match="not a lowbit Method subclass"):
+        register_method("plain")(type("Plain", (), {}))
+    with pytest.raises(ConfigError, match="Config must be a dataclass"):
+        check_method_class(type("NoConfig", (get_method("rtn"),), {"Config": dict}), "x")
+    assert "plain" not in METHODS and "half" not in METHODS
