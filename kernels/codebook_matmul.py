@@ -28,7 +28,7 @@ import triton.language as tl
 from quant.formats.codebook_weight import code_dtype
 from quant.kernels import buffers, splits
 from quant.kernels.int_matmul import dot_dtype
-from quant.kernels.tuning import CodebookTile, resolve_split_j
+from quant.kernels.tuning import Tile, resolve_split
 
 
 @triton.jit
@@ -199,51 +199,51 @@ def _check(x: torch.Tensor, weight) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.contiguous()
 
 
-def _launch_gathering(kernel, x: torch.Tensor, weight, config: CodebookTile, block_m: int,
+def _launch_gathering(kernel, x: torch.Tensor, weight, config: Tile, block_m: int,
                       **constexprs) -> torch.Tensor:
     """Run a gathering kernel over a grid of (BLOCK_N rows of W, `block_m` rows of x, code
     group slices) and add up its slices."""
     x = _check(x, weight)
     M, N = x.shape[0], weight.out_features
     J = weight.in_features // weight.in_group_size
-    config = resolve_split_j(config, triton.cdiv(M, block_m), N, J, x.device)
-    grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, block_m), config.split_j)
-    out = splits.split_buffers(config.split_j, M, N, grid[0] * grid[1], x.dtype, x.device)
+    config = resolve_split(config, triton.cdiv(M, block_m), N, J, x.device)
+    grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, block_m), config.split)
+    out = splits.split_buffers(config.split, M, N, grid[0] * grid[1], x.dtype, x.device)
     kernel[grid](
         x, kernel_codes(weight), weight.codebooks, weight.scales, *out, M, N, J, x.stride(0),
         N, M * N,
         **shape_constexprs(weight.num_codebooks, weight.nbits, weight.in_group_size),
-        BLOCK_N=config.block_n, BLOCK_J=config.block_j, SPLIT_J=config.split_j,
+        BLOCK_N=config.block_n, BLOCK_J=config.block_k, SPLIT_J=config.split,
         num_warps=config.num_warps, **constexprs)
     return splits.finish(out, x.dtype)
 
 
-def codebook_gemv(x: torch.Tensor, weight, config: CodebookTile) -> torch.Tensor:
+def codebook_gemv(x: torch.Tensor, weight, config: Tile) -> torch.Tensor:
     """[M, K] activations (M small, best 1) times the CodebookWeight's W^T -> [M, N] in
     x.dtype; each activation row gathers the codewords again."""
     return _launch_gathering(_codebook_gemv_kernel, x, weight, config, 1)
 
 
-def codebook_matmul(x: torch.Tensor, weight, config: CodebookTile) -> torch.Tensor:
+def codebook_matmul(x: torch.Tensor, weight, config: Tile) -> torch.Tensor:
     """[M, K] activations (a few rows) times the CodebookWeight's W^T -> [M, N] in x.dtype,
     on tensor cores, gathering each codeword once per BLOCK_M rows."""
     return _launch_gathering(_codebook_matmul_kernel, x, weight, config, config.block_m,
                              BLOCK_M=config.block_m, DOT_DTYPE=dot_dtype(x.dtype))
 
 
-def codebook_dequant(weight, dtype: torch.dtype, config: CodebookTile) -> torch.Tensor:
+def codebook_dequant(weight, dtype: torch.dtype, config: Tile) -> torch.Tensor:
     """The dense W [N, K] in `dtype`."""
     N, K = weight.out_features, weight.in_features
     J = K // weight.in_group_size
     out = buffers.alloc((N, K), buffers.store_dtype(dtype), weight.codes.device)
-    grid = (triton.cdiv(N, config.block_n), triton.cdiv(J, config.block_j))
+    grid = (triton.cdiv(N, config.block_n), triton.cdiv(J, config.block_k))
     _codebook_dequant_kernel[grid](
         kernel_codes(weight), weight.codebooks, weight.scales, out, N, J,
         **shape_constexprs(weight.num_codebooks, weight.nbits, weight.in_group_size),
-        BLOCK_N=config.block_n, BLOCK_J=config.block_j, num_warps=config.num_warps)
+        BLOCK_N=config.block_n, BLOCK_J=config.block_k, num_warps=config.num_warps)
     return out.to(dtype)
 
 
-def codebook_dequant_matmul(x: torch.Tensor, weight, config: CodebookTile) -> torch.Tensor:
+def codebook_dequant_matmul(x: torch.Tensor, weight, config: Tile) -> torch.Tensor:
     x = _check(x, weight)
     return x @ codebook_dequant(weight, x.dtype, config).t()

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from quant.kernels import buffers
 from quant.kernels.int_tiles import dequant_tile
-from quant.kernels.tuning import DEQUANT_TILE, TileConfig
+from quant.kernels.tuning import DEQUANT_TILE, Tile
 
 
 @triton.jit
@@ -27,7 +27,7 @@ def _int_dequant_kernel(
              mask=(rk[:, None] < K) & (rn[None, :] < N))
 
 
-def int_dequant(weight, dtype: torch.dtype, config: TileConfig = DEQUANT_TILE) -> torch.Tensor:
+def int_dequant(weight, dtype: torch.dtype, config: Tile = DEQUANT_TILE) -> torch.Tensor:
     """W^T as a dense [K, N] tensor of `dtype`."""
     K, N = weight.in_features, weight.out_features
     out = buffers.alloc((K, N), buffers.store_dtype(dtype), weight.qweight.device)
@@ -41,6 +41,6 @@ def int_dequant(weight, dtype: torch.dtype, config: TileConfig = DEQUANT_TILE) -
     return out.to(dtype)
 
 
-def dequant_matmul(x: torch.Tensor, weight, config: TileConfig | None = None) -> torch.Tensor:
+def dequant_matmul(x: torch.Tensor, weight, config: Tile | None = None) -> torch.Tensor:
     """Dequantize with the kernel, then a dense matmul (cuBLAS on a GPU)."""
     return x @ int_dequant(weight, x.dtype)

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from quant.kernels import splits
 from quant.kernels.int_tiles import dequant_tile
-from quant.kernels.tuning import TileConfig, interpreting, resolve_split_k
+from quant.kernels.tuning import Tile, fit_block_k, interpreting, resolve_split
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -72,7 +72,7 @@ def dot_dtype(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
 
 
-def int_matmul(x: torch.Tensor, weight, config: TileConfig) -> torch.Tensor:
+def int_matmul(x: torch.Tensor, weight, config: Tile) -> torch.Tensor:
     """[M, K] activations (fp16/bf16/fp32) times the IntWeight's W^T -> [M, N] in x.dtype."""
     # 1. check
     M, K = x.shape
@@ -82,11 +82,12 @@ def int_matmul(x: torch.Tensor, weight, config: TileConfig) -> torch.Tensor:
     if x.dtype not in _TL_DTYPES:
         raise ValueError(f"unsupported activation dtype {x.dtype}")
     x = x if x.stride(1) == 1 else x.contiguous()
-    config = resolve_split_k(config, M, N, K, x.device)
     group_size = K if weight.group_size == -1 else weight.group_size
+    config = fit_block_k(config, group_size)  # each K-step reads one row of scales
+    config = resolve_split(config, triton.cdiv(M, config.block_m), N, K, x.device)
     g_idx = weight.g_idx if weight.g_idx is not None else weight.qweight  # unused pointer
     # 2. allocate: fp32 partial sums for split-K
-    split = config.split_k
+    split = config.split
     tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     out = splits.split_buffers(split, M, N, tiles, x.dtype, x.device)
     # 3. launch

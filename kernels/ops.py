@@ -1,6 +1,7 @@
 """Dispatch of quantized linear layers (DESIGN.md §4): an explicit preference
-(`auto | torch | triton`) and a table format -> implementations; `tuning` picks one per
-call from the number of rows (and tuned data where there is some).
+(`auto | torch | triton`) and a table format -> implementations; `tuning.choose` picks
+one per call from the format's regime for the number of rows (and tuned data where there
+is some).
 
 `auto` runs Triton on CUDA tensors and the torch reference elsewhere; `triton` on CPU
 runs the kernels under the Triton interpreter (TRITON_INTERPRET=1, set before import).
@@ -42,15 +43,6 @@ def _has_kernels(weight) -> bool:
     return weight.format_name in _triton_table()
 
 
-def _choose(weight, x: torch.Tensor, rows: int):
-    if weight.format_name == "codebook":
-        groups = weight.in_features // weight.in_group_size
-        shape = tuning.codebook_shape(weight.num_codebooks, weight.nbits, weight.in_group_size)
-        return tuning.choose_codebook(x.device, shape, weight.out_features, groups, rows)
-    return tuning.choose(x.device, weight.bits, weight.out_features, weight.in_features,
-                         weight.group_size, rows)
-
-
 def check_preference(preference: str) -> str:
     if preference not in PREFERENCES:
         raise ConfigError(f"kernel preference must be one of {', '.join(PREFERENCES)} "
@@ -75,8 +67,9 @@ def select(weight, x: torch.Tensor, preference: str = "auto"):
     if not _triton_runnable(x):
         raise ConfigError("the Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set "
                           "before importing quant to run them on the CPU")
-    name, config = _choose(weight, x, rows)
-    return name, _triton_table()[fmt][name], config
+    scheme, steps = weight.tuning_key()
+    name, tile = tuning.choose(x.device, fmt, scheme, weight.out_features, steps, rows)
+    return name, _triton_table()[fmt][name], tile
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,

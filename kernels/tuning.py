@@ -1,6 +1,10 @@
-"""Kernel tile configurations: data, not code. Tuned entries live in
-`configs/<gpu>.json` (written by `scripts/bench_kernels.py --tune`) and are loaded
-explicitly for the GPU in use; shapes without an entry use the defaults below."""
+"""Kernel tile configurations: data, not code. One table, keyed by (format, regime), holds
+the untuned starting points; tuned entries live in `configs/<gpu>.json` (written by
+`scripts/bench_kernels.py --tune`) and are loaded explicitly for the GPU in use.
+
+Every quantized matmul is a reduction over the weight's input dimension, in the format's
+own steps: input columns for integer weights, code groups for codebook weights. A `Tile`
+says how one program walks it; `choose` picks the implementation and tile for a call."""
 
 from __future__ import annotations
 
@@ -15,52 +19,44 @@ from pathlib import Path
 import torch
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-GEMV_MAX_ROWS = 16  # decode regime: the tile's M is 16 (the smallest tl.dot), rows beyond use GEMM
 
 
 @dataclass(frozen=True)
-class TileConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int = 1      # 0: choose from the shape so the GPU gets enough programs
-    group_m: int = 8      # programs sharing a row band, for L2 reuse of x
+class Tile:
+    """BLOCK_M activation rows (tensor-core kernels) x BLOCK_N output rows per program,
+    stepping BLOCK_K reduction steps at a time; SPLIT slices of the reduction (0: enough to
+    fill the GPU), GROUP_M programs sharing a row band (L2 reuse of x)."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 64
+    split: int = 1
+    group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
 
 
-# Untuned starting points (no GPU measurement yet): decode tiles are thin in M and deep in K
-# with split-K; prefill tiles are square-ish.
+# The regimes of each format by activation rows, as (most rows, regime): decode (one row
+# or a few), small batches and prefill.
+REGIMES = {
+    "int": ((16, "gemv"), (None, "gemm")),
+    "codebook": ((1, "gemv"), (64, "batch"), (None, "gemm")),
+}
+# Untuned starting points (no GPU measurement yet), by (format, regime): (implementation,
+# tile). Decode tiles are thin in M and deep in the reduction, split so that a layer with
+# few output rows still gives every SM work; the codebook tensor-core kernel gathers each
+# codeword once for all rows of a small batch; prefill dequantizes once (or uses square
+# tiles) and runs a dense matmul.
 DEFAULTS = {
-    "gemv": ("fused", TileConfig(16, 64, 128, split_k=0, num_warps=4, num_stages=3)),
-    "gemm": ("fused", TileConfig(64, 128, 64, split_k=1, num_warps=4, num_stages=3)),
+    ("int", "gemv"): ("fused", Tile(16, 64, 128, split=0)),
+    ("int", "gemm"): ("fused", Tile(64, 128, 64)),
+    ("codebook", "gemv"): ("gemv", Tile(16, 64, 16, split=0)),
+    ("codebook", "batch"): ("fused", Tile(16, 64, 16, split=0)),
+    ("codebook", "gemm"): ("dequant", Tile(16, 32, 16)),
 }
-DEQUANT_TILE = TileConfig(1, 128, 64, num_warps=4, num_stages=1)
-
-
-@dataclass(frozen=True)
-class CodebookTile:
-    """Codebook kernels: BLOCK_N output rows x BLOCK_J code groups per program step, and
-    for the tensor-core kernel BLOCK_M activation rows; SPLIT_J slices of the code groups
-    (0: enough slices to fill the GPU)."""
-
-    block_n: int
-    block_j: int
-    num_warps: int = 4
-    block_m: int = 16
-    split_j: int = 1
-
-
-# Untuned (no GPU measurement yet), by implementation. One activation row: the reduction
-# GEMV, split so that a 4096-row layer still gives every SM work. A few rows: the
-# tensor-core kernel, which gathers each codeword once for all rows. Many rows: dequantize
-# once, then cuBLAS.
-CODEBOOK_DEFAULTS = {
-    "gemv": CodebookTile(64, 16, split_j=0),
-    "fused": CodebookTile(64, 16, split_j=0),
-    "dequant": CodebookTile(32, 16),
-}
-CODEBOOK_FUSED_MAX_ROWS = 64
+DEQUANT_TILE = Tile(1, 128, 64, num_stages=1)  # the int dequantize kernel's own tile
+# The CPU interpreter costs per program step: few, wide tiles, up to these (BLOCK_N, BLOCK_K)
+INTERPRETER_CAPS = {"int": (2048, 64), "codebook": (256, 64)}
 
 
 def interpreting() -> bool:
@@ -68,8 +64,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def regime(rows: int) -> str:
-    return "gemv" if rows <= GEMV_MAX_ROWS else "gemm"
+def regime(fmt: str, rows: int) -> str:
+    for most, name in REGIMES[fmt]:
+        if most is None or rows <= most:
+            return name
+    raise AssertionError("the last regime of every format takes any number of rows")
 
 
 def rows_bucket(rows: int) -> int:
@@ -84,17 +83,11 @@ def gpu_slug(name: str) -> str:
 
 
 def load_tuned(path: Path) -> dict:
-    """A tuned-config file as {"int": {(bits, n, k, rows bucket): (implementation,
-    TileConfig)}, "codebook": {(codebook shape "MxBgG", n, groups, rows bucket):
-    (implementation, CodebookTile)}}."""
+    """A tuned-config file as {(format, scheme, n, k, rows bucket): (implementation, Tile)},
+    k in the format's reduction steps (see `choose`)."""
     data = json.loads(path.read_text()) if path.is_file() else {}
-    return {
-        "int": {(e["bits"], e["n"], e["k"], e["rows"]): (e["impl"], TileConfig(**e["config"]))
-                for e in data.get("entries", [])},
-        "codebook": {(e["codebooks"], e["n"], e["groups"], e["rows"]):
-                     (e["impl"], CodebookTile(**e["config"]))
-                     for e in data.get("codebook_entries", [])},
-    }
+    return {(e["format"], e["scheme"], e["n"], e["k"], e["rows"]): (e["impl"], Tile(**e["config"]))
+            for e in data.get("entries", [])}
 
 
 @functools.cache
@@ -102,60 +95,35 @@ def _tuned(device_index: int) -> dict:
     return load_tuned(CONFIG_DIR / f"{gpu_slug(torch.cuda.get_device_name(device_index))}.json")
 
 
-def choose(device: torch.device, bits: int, n: int, k: int, group_size: int,
-           rows: int) -> tuple[str, TileConfig]:
-    """(implementation, tile config) for `rows` rows against an N x K weight."""
+def tile_for(fmt: str, regime_name: str, device: torch.device, n: int, k: int,
+             rows: int) -> tuple[str, Tile]:
+    """The untuned (implementation, tile) of a regime for `rows` rows against a weight of
+    N output rows and k reduction steps."""
+    impl, tile = DEFAULTS[(fmt, regime_name)]
+    if device.type != "cuda":
+        cap_n, cap_k = INTERPRETER_CAPS[fmt]
+        tile = Tile(block_n=min(cap_n, triton_next_pow2(n)),
+                    block_k=min(cap_k, triton_next_pow2(k)))
+    return impl, dataclasses.replace(tile, block_m=16 if rows <= 16 else 64)
+
+
+def choose(device: torch.device, fmt: str, scheme: str, n: int, k: int,
+           rows: int) -> tuple[str, Tile]:
+    """(implementation, tile) for `rows` activation rows against a weight of format `fmt`
+    (scheme: its tuning name, e.g. "b4" or "1x16g8"), N output rows and k reduction steps."""
     if device.type == "cuda":
-        found = _tuned(device.index or 0)["int"].get((bits, n, k, rows_bucket(rows)))
+        found = _tuned(device.index or 0).get((fmt, scheme, n, k, rows_bucket(rows)))
         if found:
             return found
-        impl, config = DEFAULTS[regime(rows)]
-    else:  # the CPU interpreter costs per program step: one wide tile per row band
-        impl, config = "fused", TileConfig(16 if rows <= 16 else 64,
-                                           min(2048, triton_next_pow2(n)), 64)
-    return impl, fit_block_k(config, group_size)
+    return tile_for(fmt, regime(fmt, rows), device, n, k, rows)
 
 
-def codebook_impl(rows: int) -> str:
-    """The default codebook implementation for `rows` activation rows."""
-    if rows == 1:
-        return "gemv"
-    return "fused" if rows <= CODEBOOK_FUSED_MAX_ROWS else "dequant"
-
-
-def codebook_tile(impl: str, device: torch.device, n: int, groups: int,
-                  rows: int) -> CodebookTile:
-    """The default tile of codebook implementation `impl` for `rows` rows against a weight
-    of N rows and `groups` code groups per row."""
-    tile = CODEBOOK_DEFAULTS[impl]
-    if device.type != "cuda":  # the interpreter: few, wide program steps
-        tile = CodebookTile(min(256, triton_next_pow2(n)), min(64, triton_next_pow2(groups)))
-    return dataclasses.replace(tile, block_m=16 if rows <= 16 else 64)
-
-
-def codebook_shape(num_codebooks: int, nbits: int, in_group: int) -> str:
-    """The name of a codebook configuration in tuned files and benchmarks: '1x16g8'."""
-    return f"{num_codebooks}x{nbits}g{in_group}"
-
-
-def choose_codebook(device: torch.device, shape: str, n: int, groups: int,
-                    rows: int) -> tuple[str, CodebookTile]:
-    """(implementation, tile) for `rows` rows against a codebook weight of configuration
-    `shape`, N rows and `groups` code groups per row."""
-    if device.type == "cuda":
-        found = _tuned(device.index or 0)["codebook"].get((shape, n, groups, rows_bucket(rows)))
-        if found:
-            return found
-    impl = codebook_impl(rows)
-    return impl, codebook_tile(impl, device, n, groups, rows)
-
-
-def fit_block_k(config: TileConfig, group_size: int) -> TileConfig:
+def fit_block_k(tile: Tile, group_size: int) -> Tile:
     """Shrink BLOCK_K to divide the group size, so each K-step reads one row of scales."""
-    block_k = config.block_k
+    block_k = tile.block_k
     while group_size > 0 and group_size % block_k and block_k > 16:
         block_k //= 2
-    return dataclasses.replace(config, block_k=block_k)
+    return dataclasses.replace(tile, block_k=block_k)
 
 
 def triton_next_pow2(n: int) -> int:
@@ -177,20 +145,10 @@ def split_count(tiles: int, blocks: int, device: torch.device) -> int:
     return split
 
 
-def resolve_split_k(config: TileConfig, m: int, n: int, k: int, device: torch.device) -> TileConfig:
-    """Fill in split_k=0 (see `split_count`)."""
-    if config.split_k:
-        return config
-    tiles = -(-m // config.block_m) * -(-n // config.block_n)
-    return dataclasses.replace(
-        config, split_k=split_count(tiles, -(-k // config.block_k), device))
-
-
-def resolve_split_j(tile: CodebookTile, m_tiles: int, n: int, groups: int,
-                    device: torch.device) -> CodebookTile:
-    """Fill in split_j=0 for `m_tiles` row tiles (activation rows, or row blocks)."""
-    if tile.split_j:
+def resolve_split(tile: Tile, m_tiles: int, n: int, k: int, device: torch.device) -> Tile:
+    """Fill in split=0 for `m_tiles` row tiles against N output rows and k reduction
+    steps (see `split_count`)."""
+    if tile.split:
         return tile
     tiles = m_tiles * -(-n // tile.block_n)
-    return dataclasses.replace(
-        tile, split_j=split_count(tiles, -(-groups // tile.block_j), device))
+    return dataclasses.replace(tile, split=split_count(tiles, -(-k // tile.block_k), device))

@@ -97,19 +97,28 @@ def random_int_weight(n, k, bits, group, device):
 
 
 def weight_bytes(weight) -> int:
-    return sum(t.numel() * t.element_size() for t in weight.state_dict().values())
+    """The bytes a kernel streams for the weight: every tensor its format stores."""
+    from quant.plan import LayerSpec
+
+    return LayerSpec(weight.out_features, weight.in_features, weight.config).stored_bits() // 8
+
+
+def tuning_key(weight) -> dict:
+    """The fields a tuned entry for this weight is keyed by (kernels/tuning.py)."""
+    scheme, steps = weight.tuning_key()
+    return {"format": weight.format_name, "scheme": scheme, "steps": steps}
 
 
 def candidates(rows: int, group: int):
     """Tile configs swept by --tune for a regime."""
-    from quant.kernels.tuning import TileConfig
+    from quant.kernels.tuning import Tile
 
     if rows <= 16:
         grid = itertools.product((32, 64, 128), (64, 128), (0, 1, 4, 8), (4, 8), (3, 4))
-        configs = [TileConfig(16, bn, bk, split, 8, w, s) for bn, bk, split, w, s in grid]
+        configs = [Tile(16, bn, bk, split, 8, w, s) for bn, bk, split, w, s in grid]
     else:
         grid = itertools.product((32, 64, 128), (64, 128, 256), (32, 64, 128), (4, 8), (3, 4))
-        configs = [TileConfig(bm, bn, bk, 1, 8, w, s) for bm, bn, bk, w, s in grid]
+        configs = [Tile(bm, bn, bk, 1, 8, w, s) for bm, bn, bk, w, s in grid]
     return [c for c in configs if group % c.block_k == 0]
 
 
@@ -147,7 +156,7 @@ def bench_case(bits, n, k, rows, group, device, timer, sweep_timer=None) -> dict
     weight = random_int_weight(n, k, bits, group, device)
     x = torch.randn(rows, k, device=device, dtype=torch.float16)
     case = measure(weight, x, timer)
-    config = tuning.TileConfig(**case["config"])
+    config = tuning.Tile(**case["config"])
     alternatives = {"fused": timer(lambda: int_matmul(x, weight, config))[0]
                     if case["impl"] != "fused" else case["ms"],
                     "dequant": timer(lambda: dequant_matmul(x, weight))[0]}
@@ -158,7 +167,8 @@ def bench_case(bits, n, k, rows, group, device, timer, sweep_timer=None) -> dict
         trials.append(("dequant", tuning.DEQUANT_TILE, alternatives["dequant"]))
         best_tuned = min(trials, key=lambda t: t[2])
     return {"bits": bits, "n": n, "k": k, "rows": rows, "group_size": group, **case,
-            "alternatives_ms": alternatives, "tuned": tuned_record(best_tuned)}
+            **tuning_key(weight), "alternatives_ms": alternatives,
+            "tuned": tuned_record(best_tuned)}
 
 
 def random_codebook_weight(n, k, m, nbits, g, device):
@@ -188,14 +198,14 @@ def codebook_width(k: int, shape: str) -> int:
 def codebook_candidates(rows: int) -> list:
     """(implementation, tile) pairs swept by --tune for a codebook case: the GEMV for one
     row, the tensor-core kernel up to 64 rows (its BLOCK_M fixed by the rows)."""
-    from quant.kernels.tuning import CODEBOOK_FUSED_MAX_ROWS, CodebookTile
+    from quant.kernels.tuning import Tile, regime
 
     block_m = 16 if rows <= 16 else 64
     grid = list(itertools.product((16, 32, 64, 128), (8, 16, 32), (4, 8), (0, 1)))
-    trials = [("fused", CodebookTile(bn, bj, w, block_m, split)) for bn, bj, w, split in grid
-              if bn >= 32 and rows <= CODEBOOK_FUSED_MAX_ROWS]
+    trials = [("fused", Tile(block_m, bn, bj, split, num_warps=w)) for bn, bj, w, split in grid
+              if bn >= 32 and regime("codebook", rows) != "gemm"]
     if rows == 1:
-        trials += [("gemv", CodebookTile(bn, bj, w, 16, split)) for bn, bj, w, split in grid]
+        trials += [("gemv", Tile(16, bn, bj, split, num_warps=w)) for bn, bj, w, split in grid]
     return trials
 
 
@@ -222,7 +232,8 @@ def bench_codebook_case(shape: str, n, k, rows, device, timer, sweep_timer=None)
     x = torch.randn(rows, k, device=device, dtype=torch.float16)
     case = measure(weight, x, timer)
     impls = ops.implementations("codebook")
-    defaults = {name: tuning.codebook_tile(name, device, n, k // g, rows) for name in impls}
+    defaults = dict(tuning.tile_for("codebook", name, device, n, k // g, rows)
+                    for _, name in tuning.REGIMES["codebook"])
     dispatched = (case["impl"], case["config"])  # already timed by measure()
     alternatives = {name: case["ms"] if (name, dataclasses.asdict(defaults[name])) == dispatched
                     else timer(lambda fn=fn, tile=defaults[name]: fn(x, weight, tile))[0]
@@ -234,8 +245,8 @@ def bench_codebook_case(shape: str, n, k, rows, device, timer, sweep_timer=None)
         trials += [(name, defaults[name], ms) for name, ms in alternatives.items()]
         best_tuned = min(trials, key=lambda t: t[2])
     return {"codebooks": shape, "n": n, "k": k, "groups": k // g, "rows": rows, **case,
-            "alternatives_ms": alternatives, "bits_per_weight": weight.bits_per_weight,
-            "tuned": tuned_record(best_tuned)}
+            **tuning_key(weight), "alternatives_ms": alternatives,
+            "bits_per_weight": weight.bits_per_weight, "tuned": tuned_record(best_tuned)}
 
 
 def tuned_record(best) -> dict | None:
@@ -281,26 +292,20 @@ def markdown(result: dict) -> str:
 
 def store_tuned(result: dict | None, codebook_result: dict | None, device_name: str) -> Path:
     """Merge the tuned winners of both benchmarks into kernels/configs/<device>.json: an
-    entry for the same (format, shape, rows bucket) is replaced, others are kept, so the
-    int and codebook sweeps can run separately."""
+    entry for the same (format, scheme, n, k, rows bucket) is replaced, others are kept, so
+    the int and codebook sweeps can run separately."""
     from quant.kernels.tuning import CONFIG_DIR, gpu_slug, rows_bucket
 
-    def merged(old, cases, keys):
-        new = [{**{key: c[key] for key in keys}, "rows": rows_bucket(c["rows"]),
-                "impl": c["tuned"]["impl"], "config": c["tuned"]["config"]}
-               for c in cases if c.get("tuned")]
-        table = {tuple(e[key] for key in (*keys, "rows")): e for e in old + new}
-        return list(table.values())  # a new entry replaces an old one with its key
-
+    cases = [c for r in (result, codebook_result) for c in (r or {}).get("cases", [])]
+    new = [{"format": c["format"], "scheme": c["scheme"], "n": c["n"], "k": c["steps"],
+            "rows": rows_bucket(c["rows"]), "impl": c["tuned"]["impl"],
+            "config": c["tuned"]["config"]} for c in cases if c.get("tuned")]
     path = CONFIG_DIR / f"{gpu_slug(device_name)}.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    path.write_text(json.dumps({
-        "device": device_name,
-        "entries": merged(old.get("entries", []), (result or {}).get("cases", []),
-                          ("bits", "n", "k")),
-        "codebook_entries": merged(old.get("codebook_entries", []),
-                                   (codebook_result or {}).get("cases", []),
-                                   ("codebooks", "n", "groups"))}, indent=1) + "\n")
+    old = json.loads(path.read_text()).get("entries", []) if path.is_file() else []
+    key = ("format", "scheme", "n", "k", "rows")
+    table = {tuple(e[k] for k in key): e for e in old + new}  # new replaces old of its key
+    path.write_text(json.dumps({"device": device_name, "entries": list(table.values())},
+                               indent=1) + "\n")
     return path
 
 

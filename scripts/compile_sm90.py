@@ -28,7 +28,8 @@ def variants():
     dtypes = {"fp16": tl.float16, "bf16": tl.bfloat16}
     formats = [(bits, group, g_idx) for bits in (2, 3, 4, 5, 6, 8)
                for group, g_idx in ((128, False), (32, False), (128, True))]
-    configs = {name: tuning.fit_block_k(cfg, 128) for name, (_, cfg) in tuning.DEFAULTS.items()}
+    configs = {regime: tuning.fit_block_k(tile, 128)
+               for (fmt, regime), (_, tile) in tuning.DEFAULTS.items() if fmt == "int"}
     for (bits, group, g_idx), (dname, dtype), (cname, cfg) in itertools.product(
             formats, dtypes.items(), configs.items()):
         cfg = tuning.fit_block_k(cfg, group)
@@ -63,13 +64,14 @@ def codebook_variants(dtypes):
                                                _codebook_matmul_kernel, code_layout,
                                                shape_constexprs)
 
-    defaults = tuning.CODEBOOK_DEFAULTS
+    defaults = {regime: tile for (fmt, regime), (_, tile) in tuning.DEFAULTS.items()
+                if fmt == "codebook"}
     tiles = {  # name: (kernel, tile, split): decode split, the batch-16 and batch-64 tiles
         "gemv": (_codebook_gemv_kernel, defaults["gemv"], 2),
-        "fused_m16": (_codebook_matmul_kernel, defaults["fused"], 2),
+        "fused_m16": (_codebook_matmul_kernel, defaults["batch"], 2),
         "fused_m64": (_codebook_matmul_kernel,
-                      dataclasses.replace(defaults["fused"], block_m=64), 1),
-        "gemm": (_codebook_dequant_kernel, defaults["dequant"], 1),
+                      dataclasses.replace(defaults["batch"], block_m=64), 1),
+        "gemm": (_codebook_dequant_kernel, defaults["gemm"], 1),
     }
     # (M, B, g): the paper's, --bits 2's on the demo (g4, wide g3), others
     shapes = [(1, 16, 8), (2, 8, 8), (1, 8, 4), (1, 8, 3), (4, 8, 16), (2, 8, 6)]
@@ -79,7 +81,7 @@ def codebook_variants(dtypes):
         codes = f"*i{word_bits or code_bits}"
         weight = {"codes_ptr": codes, "books_ptr": "*fp16", "scales_ptr": "*fp16"}
         constexprs = {**shape_constexprs(m, nbits, g), "BLOCK_N": tile.block_n,
-                      "BLOCK_J": tile.block_j}
+                      "BLOCK_J": tile.block_k}
         if name == "gemm":
             signature = {**weight, "out_ptr": f"*{dname}", "N": "i32", "J": "i32"}
         else:

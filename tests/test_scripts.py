@@ -58,29 +58,31 @@ def test_tuned_configs_round_trip(tmp_path, monkeypatch):
 
     bench = load_script("bench_kernels")
     monkeypatch.setattr(tuning, "CONFIG_DIR", tmp_path)
-    cfg = {"block_m": 16, "block_n": 64, "block_k": 128, "split_k": 4, "group_m": 8,
+    cfg = {"block_m": 16, "block_n": 64, "block_k": 128, "split": 4, "group_m": 8,
            "num_warps": 4, "num_stages": 3}
-    result = {"cases": [{"bits": 4, "n": 4096, "k": 4096, "rows": 3,
+    int4 = {"format": "int", "scheme": "int4", "steps": 4096}
+    result = {"cases": [{"bits": 4, "n": 4096, "k": 4096, "rows": 3, **int4,
                          "tuned": {"impl": "fused", "config": cfg, "ms": 0.01}}]}
-    tile = tuning.CodebookTile(32, 16, num_warps=8, block_m=16, split_j=2)
-    codebooks = {"cases": [{"codebooks": "1x16g8", "n": 11008, "k": 4096, "groups": 512,
-                            "rows": 1, "tuned": bench.tuned_record(("gemv", tile, 0.01))},
-                           {"codebooks": "2x8g8", "n": 4096, "rows": 1, "tuned": None}]}
+    tile = tuning.Tile(16, 32, 16, split=2, num_warps=8)
+    book = {"format": "codebook", "scheme": "1x16g8", "steps": 512}
+    codebooks = {"cases": [{"n": 11008, "k": 4096, "rows": 1, **book,
+                            "tuned": bench.tuned_record(("gemv", tile, 0.01))},
+                           {"n": 4096, "rows": 1, **book, "tuned": None}]}
     path = bench.store_tuned(result, codebooks, "NVIDIA H100 80GB HBM3")
     assert tuning.load_tuned(path) == {
-        "int": {(4, 4096, 4096, 4): ("fused", tuning.TileConfig(**cfg))},
-        "codebook": {("1x16g8", 11008, 512, 1): ("gemv", tile)}}
+        ("int", "int4", 4096, 4096, 4): ("fused", tuning.Tile(**cfg)),
+        ("codebook", "1x16g8", 11008, 512, 1): ("gemv", tile)}
     # a later codebook-only sweep replaces its own entries and keeps the others
-    faster = tuning.CodebookTile(16, 16, split_j=1)
-    later = {"cases": [{"codebooks": "1x16g8", "n": 11008, "groups": 512, "rows": 1,
+    faster = tuning.Tile(block_n=16, block_k=16)
+    later = {"cases": [{"n": 11008, "rows": 1, **book,
                         "tuned": bench.tuned_record(("fused", faster, 0.005))},
-                       {"codebooks": "2x8g8", "n": 4096, "groups": 512, "rows": 16,
+                       {"n": 4096, "rows": 16, **book, "scheme": "2x8g8",
                         "tuned": bench.tuned_record(("fused", tile, 0.01))}]}
     assert bench.store_tuned(None, later, "NVIDIA H100 80GB HBM3") == path
     assert tuning.load_tuned(path) == {
-        "int": {(4, 4096, 4096, 4): ("fused", tuning.TileConfig(**cfg))},
-        "codebook": {("1x16g8", 11008, 512, 1): ("fused", faster),
-                     ("2x8g8", 4096, 512, 16): ("fused", tile)}}
+        ("int", "int4", 4096, 4096, 4): ("fused", tuning.Tile(**cfg)),
+        ("codebook", "1x16g8", 11008, 512, 1): ("fused", faster),
+        ("codebook", "2x8g8", 4096, 512, 16): ("fused", tile)}
     assert all(c.block_k <= 128 and 128 % c.block_k == 0 for c in bench.candidates(1, 128))
     assert {c.block_m for c in bench.candidates(64, 128)} == {32, 64, 128}
 
@@ -95,11 +97,12 @@ def test_codebook_candidates_fit_the_row_count():
 
 
 def test_codebook_tune_keeps_the_fastest_trial_and_skips_failing_tiles(monkeypatch):
-    from quant.kernels.tuning import CodebookTile
+    from quant.kernels.tuning import Tile
 
     bench = load_script("bench_kernels")
-    broken = CodebookTile(16, 7)  # tl.arange needs a power of two
-    trials = [("fused", CodebookTile(32, 8)), ("gemv", CodebookTile(16, 8)), ("gemv", broken)]
+    broken = Tile(block_n=16, block_k=7)  # tl.arange needs a power of two
+    trials = [("fused", Tile(block_n=32, block_k=8)), ("gemv", Tile(block_n=16, block_k=8)),
+              ("gemv", broken)]
     monkeypatch.setattr(bench, "codebook_candidates", lambda rows: trials)
     # timer calls: fp16, the dispatched gemv (reused as its default), the fused and dequant
     # defaults, then the trials
@@ -112,7 +115,7 @@ def test_codebook_tune_keeps_the_fastest_trial_and_skips_failing_tiles(monkeypat
     case = bench.bench_codebook_case("1x8g4", 40, 64, 1, torch.device("cpu"), timer, timer)
     assert case["alternatives_ms"] == {"gemv": 5.0, "fused": 4.0, "dequant": 6.0}
     assert case["tuned"] == {"impl": "gemv", "ms": 2.0,
-                             "config": dataclasses.asdict(CodebookTile(16, 8))}
+                             "config": dataclasses.asdict(Tile(block_n=16, block_k=8))}
 
 
 def test_bench_quantize_dry_run(tmp_path):

@@ -73,8 +73,7 @@ def test_every_kernel_matches_float64(n, k, m, nbits, g, dtype):
     w = dense64(weight)
     for rows, kernel in KERNEL_ROWS:
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(dtype)
-        _, tile = tuning.choose_codebook(DEVICE, tuning.codebook_shape(m, nbits, g), n, k // g,
-                                          rows)
+        _, tile = tuning.choose(DEVICE, "codebook", f"{m}x{nbits}g{g}", n, k // g, rows)
         y = kernel(x.to(DEVICE), weight, tile)
         assert_matches_float64(y, x, w, dtype, f"{kernel.__name__} rows {rows}")
 
@@ -86,25 +85,26 @@ def test_split_code_groups_add_up(kernel, split):
     (the last slice empty) each still count every group once."""
     weight = random_weight(36, 40, 2, 8, 4)
     x = torch.randn(5, 40, generator=torch.Generator().manual_seed(1))
-    tile = tuning.CodebookTile(block_n=16, block_j=2, block_m=16, split_j=split)
+    tile = tuning.Tile(block_m=16, block_n=16, block_k=2, split=split)
     y = kernel(x.to(DEVICE), weight, tile)
     assert_matches_float64(y, x, dense64(weight), torch.float32, f"split {split}")
 
 
 def test_split_fills_the_gpu_with_two_steps_per_slice_at_least():
-    cpu, tile = torch.device("cpu"), tuning.CodebookTile(64, 16, split_j=0)  # 2 x 64 programs
-    assert tuning.resolve_split_j(tile, 1, 4096, 512, cpu).split_j == 2   # 64 row blocks
-    assert tuning.resolve_split_j(tile, 1, 11008, 512, cpu).split_j == 1  # 172 already
-    assert tuning.resolve_split_j(tile, 1, 256, 1376, cpu).split_j == 32
-    assert tuning.resolve_split_j(tile, 1, 256, 32, cpu).split_j == 1     # 2 steps in all
-    fixed = dataclasses.replace(tile, split_j=3)
-    assert tuning.resolve_split_j(fixed, 1, 64, 512, cpu) == fixed
+    cpu = torch.device("cpu")
+    tile = tuning.Tile(block_n=64, block_k=16, split=0)  # 2 x 64 programs on the CPU
+    assert tuning.resolve_split(tile, 1, 4096, 512, cpu).split == 2   # 64 row blocks
+    assert tuning.resolve_split(tile, 1, 11008, 512, cpu).split == 1  # 172 already
+    assert tuning.resolve_split(tile, 1, 256, 1376, cpu).split == 32
+    assert tuning.resolve_split(tile, 1, 256, 32, cpu).split == 1     # 2 steps in all
+    fixed = dataclasses.replace(tile, split=3)
+    assert tuning.resolve_split(fixed, 1, 64, 512, cpu) == fixed
 
 
 @pytest.mark.parametrize("g", [8, 6])
 def test_dequant_kernel_equals_the_format_reference_exactly_in_fp32(g):
     weight = random_weight(100, 96, 2, 8, g)
-    _, tile = tuning.choose_codebook(DEVICE, tuning.codebook_shape(2, 8, g), 100, 96 // g, 64)
+    _, tile = tuning.choose(DEVICE, "codebook", f"2x8g{g}", 100, 96 // g, 64)
     dense = codebook_dequant(weight, torch.float32, tile)
     assert torch.allclose(dense.cpu(), weight.dequantize(torch.float32).cpu(), rtol=1e-6, atol=1e-7)
 

@@ -19,7 +19,9 @@ def test_select_by_preference_and_regime():
     assert name == "fused" and impl is int_matmul_module.int_matmul and config.block_m == 16
     _, _, config = ops.select(weight, torch.randn(2, 20, 128), "triton")  # 40 rows: GEMM
     assert config.block_m == 64
-    assert tuning.regime(16) == "gemv" and tuning.regime(17) == "gemm"
+    assert tuning.regime("int", 16) == "gemv" and tuning.regime("int", 17) == "gemm"
+    assert [tuning.regime("codebook", rows) for rows in (1, 2, 64, 65)] == \
+        ["gemv", "batch", "batch", "gemm"]
     with pytest.raises(ConfigError, match="kernel preference"):
         ops.check_preference("cuda")
 
@@ -34,19 +36,20 @@ def test_linear_keeps_leading_dims_and_adds_bias():
 
 
 def test_tuned_configs_are_data(tmp_path):
-    entry = {"bits": 4, "n": 4096, "k": 4096, "rows": 16, "impl": "dequant",
-             "config": {"block_m": 16, "block_n": 128, "block_k": 128, "split_k": 4}}
-    codebook = {"codebooks": "1x16g8", "n": 11008, "groups": 512, "rows": 1, "impl": "fused",
-                "config": {"block_n": 32, "block_j": 32, "num_warps": 8, "split_j": 2}}
+    entry = {"format": "int", "scheme": "int4", "n": 4096, "k": 4096, "rows": 16,
+             "impl": "dequant", "config": {"block_m": 16, "block_n": 128, "block_k": 128,
+                                           "split": 4}}
+    codebook = {"format": "codebook", "scheme": "1x16g8", "n": 11008, "k": 512, "rows": 1,
+                "impl": "fused", "config": {"block_n": 32, "block_k": 32, "num_warps": 8,
+                                            "split": 2}}
     path = tmp_path / "NVIDIA_H100_80GB_HBM3.json"
-    path.write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "entries": [entry],
-                                "codebook_entries": [codebook]}))
-    table = tuning.load_tuned(path)
-    assert table["int"] == {(4, 4096, 4096, 16): ("dequant", tuning.TileConfig(16, 128, 128, 4))}
-    assert table["codebook"] == {("1x16g8", 11008, 512, 1): (
-        "fused", tuning.CodebookTile(32, 32, num_warps=8, split_j=2))}
+    path.write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "entries": [entry, codebook]}))
+    assert tuning.load_tuned(path) == {
+        ("int", "int4", 4096, 4096, 16): ("dequant", tuning.Tile(16, 128, 128, 4)),
+        ("codebook", "1x16g8", 11008, 512, 1): (
+            "fused", tuning.Tile(block_n=32, block_k=32, num_warps=8, split=2))}
     assert tuning.gpu_slug("NVIDIA H100 80GB HBM3") == path.stem
-    assert tuning.load_tuned(tmp_path / "missing.json") == {"int": {}, "codebook": {}}
+    assert tuning.load_tuned(tmp_path / "missing.json") == {}
 
 
 @pytest.mark.demo

@@ -50,9 +50,9 @@ FORMATS = [  # (bits, group, sym, act_order, N, K): N, K not multiples of the ti
                                         (128, False, True, 40, 384), (-1, False, False, 24, 200)]
 ]
 CONFIGS = {
-    "gemv": tuning.TileConfig(16, 32, 64, split_k=1),
-    "gemv-split": tuning.TileConfig(16, 64, 32, split_k=3),
-    "gemm": tuning.TileConfig(32, 32, 32, split_k=1, group_m=2),
+    "gemv": tuning.Tile(16, 32, 64, split=1),
+    "gemv-split": tuning.Tile(16, 64, 32, split=3),
+    "gemm": tuning.Tile(32, 32, 32, split=1, group_m=2),
 }
 
 
@@ -64,7 +64,6 @@ def test_int_matmul_matches_reference(bits, group, sym, act_order, n, k, dtype):
     for name, config in CONFIGS.items():
         rows = 37 if name == "gemm" else 5
         x = torch.randn(rows, k).to(DEVICE, dtype)
-        config = tuning.fit_block_k(config, group)
         assert_close_to_reference(int_matmul(x, weight, config), x, weight)
 
 
@@ -81,21 +80,21 @@ def test_int_dequant_matches_reference(bits, act_order, dtype):
 def test_fp32_activations_and_rows_1():
     weight = random_weight(48, 128, 4, 32, seed=1)
     x = torch.randn(1, 128, device=DEVICE)
-    y = int_matmul(x, weight, tuning.TileConfig(16, 32, 32, split_k=2))
+    y = int_matmul(x, weight, tuning.Tile(16, 32, 32, split=2))
     assert torch.allclose(y, matmul_reference(x, weight), atol=1e-4, rtol=1e-4)
 
 
 def test_shape_errors():
     weight = random_weight(16, 64, 4, 32)
     with pytest.raises(ValueError, match="columns"):
-        int_matmul(torch.randn(2, 32, device=DEVICE), weight, tuning.DEFAULTS["gemv"][1])
+        int_matmul(torch.randn(2, 32, device=DEVICE), weight, tuning.DEFAULTS[("int", "gemv")][1])
 
 
 def test_split_k_fills_the_gpu_but_keeps_two_blocks_per_slice():
-    cfg = tuning.TileConfig(16, 64, 128, split_k=0)
-    assert tuning.resolve_split_k(cfg, 1, 4096, 4096, torch.device("cpu")).split_k == 2
-    assert tuning.resolve_split_k(cfg, 1, 256, 8192, torch.device("cpu")).split_k == 32
-    assert tuning.resolve_split_k(cfg, 1, 256, 256, torch.device("cpu")).split_k == 1
+    cfg = tuning.Tile(16, 64, 128, split=0)
+    assert tuning.resolve_split(cfg, 1, 4096, 4096, torch.device("cpu")).split == 2
+    assert tuning.resolve_split(cfg, 1, 256, 8192, torch.device("cpu")).split == 32
+    assert tuning.resolve_split(cfg, 1, 256, 256, torch.device("cpu")).split == 1
     assert tuning.fit_block_k(cfg, 32).block_k == 32 and tuning.fit_block_k(cfg, -1).block_k == 128
 
 

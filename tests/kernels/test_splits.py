@@ -16,11 +16,11 @@ pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 SPLIT_CASES = {  # name: (weight, kernel, tile): 5 rows, every kernel split 3 ways
     "int_matmul": (lambda: test_int_kernels.random_weight(40, 192, 4, 32), int_matmul,
-                   tuning.TileConfig(16, 16, 32, split_k=3)),
+                   tuning.Tile(16, 16, 32, split=3)),
     "codebook_gemv": (lambda: test_codebook_kernels.random_weight(36, 48, 2, 8, 4),
-                      codebook_gemv, tuning.CodebookTile(16, 2, split_j=3)),
+                      codebook_gemv, tuning.Tile(block_n=16, block_k=2, split=3)),
     "codebook_matmul": (lambda: test_codebook_kernels.random_weight(36, 48, 1, 16, 4),
-                        codebook_matmul, tuning.CodebookTile(16, 2, split_j=3)),
+                        codebook_matmul, tuning.Tile(block_n=16, block_k=2, split=3)),
 }
 
 
