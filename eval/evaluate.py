@@ -107,6 +107,35 @@ def record(directory: Path, result: dict) -> None:
     """Append a result to the checkpoint's eval.json (replacing one for the same setting)."""
     path = directory / EVAL_FILE
     results = json.loads(path.read_text()) if path.is_file() else []
-    key = ("metric", "dataset", "seqlen", "quantized", "model")
+    key = ("metric", "dataset", "seqlen", "quantized", "model", "job", "device")
     results = [r for r in results if any(r.get(k) != result.get(k) for k in key)]
     checkpoint.write_json(path, results + [result])
+
+
+def evaluate_memory(spec: str | None, job, device: torch.device,
+                    allow_pickle: bool = False) -> dict:
+    """Measured memory of `job` (quant.eval.memory.MemoryJob) on a checkpoint or fp model,
+    with the fits calculator's prediction for the same job beside it."""
+    from quant.eval import fits
+    from quant.eval.memory import describe_job, measure
+
+    job.validate()
+    started = time.time()
+    source, quantized = locate(spec)
+    model, _ = load_model(source, quantized, device, allow_pickle)
+    measured = measure(model, job, device)
+    fits_job = fits.FitsJob(context=job.context, batch=job.batch, new_tokens=job.new_tokens,
+                            workload=job.workload, train=job.train,
+                            gradient_checkpointing=job.gradient_checkpointing,
+                            lora_rank=job.lora_rank, device=device.type,
+                            dtype="fp32" if device.type == "cpu" else "fp16")
+    predicted = fits.estimate(fits_job, fits.load_model(str(source)),
+                              None if quantized else ("fp32" if device.type == "cpu" else "fp16"))
+    result = {"model": spec or "smollm2-135m", "quantized": quantized, "metric": "memory",
+              "job": describe_job(job), **measured,
+              "predicted": {"peak_bytes": predicted["total_bytes"],
+                            "breakdown": predicted["breakdown"]},
+              "seconds": round(time.time() - started, 2)}
+    if quantized:
+        record(source, result)
+    return result

@@ -74,10 +74,35 @@ def select(weight, x: torch.Tensor, preference: str = "auto"):
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
            preference: str = "auto") -> torch.Tensor:
-    """y = x @ W^T + bias for any quantized weight format `weight`."""
+    """y = x @ W^T + bias for any quantized weight format `weight`; differentiable in x
+    (the quantized tensors are frozen)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        y = QuantizedMatmul.apply(x, weight, preference)
+    else:
+        y = _matmul(x, weight, preference)
+    return add_bias(y, bias)
+
+
+def _matmul(x: torch.Tensor, weight, preference: str) -> torch.Tensor:
     _, impl, config = select(weight, x, preference)
     y = impl(x.reshape(-1, x.shape[-1]), weight, config)
-    return add_bias(y.reshape(*x.shape[:-1], weight.out_features), bias)
+    return y.reshape(*x.shape[:-1], weight.out_features)
+
+
+class QuantizedMatmul(torch.autograd.Function):
+    """x @ W^T whose backward dequantizes W again for grad_x = grad_y @ W, instead of
+    autograd keeping a dense copy of every quantized weight for the whole backward (LoRA on
+    a quantized model would otherwise hold the model in full precision)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight, preference: str) -> torch.Tensor:
+        ctx.weight = weight
+        return _matmul(x, weight, preference)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dense = ctx.weight.dequantize(torch.float32)
+        return reference.dense_matmul(grad, dense.t()), None, None
 
 
 def add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -70,3 +70,21 @@ def test_demo_checkpoint_triton_path_matches_torch_path(demo_rtn_dir, demo_token
     assert triton_logits.argmax(-1).equal(torch_logits.argmax(-1))
     with pytest.raises(ConfigError):
         quant.load(demo_rtn_dir, kernels="fast")
+
+
+def test_gradient_through_a_quantized_layer_dequantizes_again():
+    """grad_x = grad_y @ W from a fresh dequantization; autograd keeps no dense copy of W
+    (LoRA on a quantized model would otherwise hold it in full precision)."""
+    weight = random_weight(48, 64, 4, 32)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    y = ops.linear(x, weight)
+    assert y.grad_fn.name() == "QuantizedMatmulBackward"
+    saved = [t for t in (getattr(y.grad_fn, a) for a in dir(y.grad_fn) if a.startswith("_saved"))
+             if isinstance(t, torch.Tensor)]
+    assert not saved
+    upstream = torch.randn(3, 5, 48)
+    (grad,) = torch.autograd.grad(y, x, upstream)
+    expected = upstream.double() @ weight.dequantize(torch.float64)
+    assert torch.allclose(grad.double(), expected, atol=1e-5)
+    with torch.no_grad():
+        assert ops.linear(x, weight).grad_fn is None
