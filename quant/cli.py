@@ -139,6 +139,8 @@ def run_quantize(args) -> int:
 # ---- eval / info -------------------------------------------------------------------------
 
 def add_eval_args(p):
+    from quant.eval.memory import TRAIN_MODES, WORKLOADS
+
     p.add_argument("model", help="checkpoint directory, local model or demo alias")
     p.add_argument("--ppl", default="wiki-demo", help="wiki-demo | wikitext2 | c4 | PATH")
     p.add_argument("--seqlen", type=int, default=512)
@@ -146,19 +148,48 @@ def add_eval_args(p):
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--output", type=Path, help="also write the JSON result here")
     p.add_argument("--allow-pickle", action="store_true")
+    mem = p.add_argument_group("memory (--memory: measure instead of perplexity)")
+    mem.add_argument("--memory", action="store_true",
+                     help="measure the peak memory of one job, split into weights, KV cache, "
+                          "activations, gradients, optimizer and overhead, with the fits "
+                          "calculator's prediction beside it")
+    mem.add_argument("--context", type=int, default=2048, help="prompt tokens per sequence")
+    mem.add_argument("--batch", type=int, default=1, help="sequences")
+    mem.add_argument("--new-tokens", type=int, default=16, help="greedy decode steps")
+    mem.add_argument("--runtime", default="hf", help="hf (transformers)")
+    mem.add_argument("--workload", default="generate", choices=WORKLOADS,
+                     help="generate: prefill with last-token logits, then decode; forward: "
+                          "every position's logits, no cache (perplexity)")
+    mem.add_argument("--train", choices=TRAIN_MODES, help="one AdamW step instead: LoRA "
+                     "(peft) on an fp model, QLoRA on a checkpoint, or full fine-tuning")
+    mem.add_argument("--gradient-checkpointing", action="store_true")
+    mem.add_argument("--lora-rank", type=int, default=8)
 
 
 def run_eval(args) -> int:
-    from quant.eval.evaluate import evaluate_ppl
+    from quant.eval.evaluate import evaluate_memory, evaluate_ppl
+    from quant.eval.memory import MemoryJob
     from quant.pipeline import resolve_device
 
+    if args.memory:
+        job = MemoryJob(context=args.context, batch=args.batch, new_tokens=args.new_tokens,
+                        runtime=args.runtime, workload=args.workload, train=args.train,
+                        gradient_checkpointing=args.gradient_checkpointing,
+                        lora_rank=args.lora_rank)
+        result = evaluate_memory(args.model, job, resolve_device(args.device),
+                                 args.allow_pickle)
+        return _print_result(result, args.output)
     if args.seqlen < 2 or args.batch_size < 1:
         raise LowbitError("--seqlen must be at least 2 and --batch-size at least 1")
     result = evaluate_ppl(args.model, args.ppl, args.seqlen, resolve_device(args.device),
                           args.batch_size, allow_pickle=args.allow_pickle)
+    return _print_result(result, args.output)
+
+
+def _print_result(result: dict, output: Path | None) -> int:
     text = json.dumps(result, indent=2)
-    if args.output:
-        args.output.write_text(text + "\n")
+    if output:
+        output.write_text(text + "\n")
     print(text)
     return 0
 
@@ -201,6 +232,56 @@ def run_plan(args) -> int:
     return 0
 
 
+def add_fits_args(p):
+    from quant.eval import fits
+    from quant.eval.memory import TRAIN_MODES, WORKLOADS
+    from quant.eval.schemes import FOREIGN
+
+    p.add_argument("model", nargs="?", help="known model name (quant fits --list), local "
+                   "config.json or model directory, lowbit checkpoint, or hub id (online)")
+    p.add_argument("--gpu", help="GPU name, e.g. 'RTX 4090', h100 (see --list)")
+    p.add_argument("--vram", help="memory to fit in instead of --gpu: 24GB, 24GiB, 80")
+    p.add_argument("--context", type=int, default=4096, help="prompt tokens per sequence")
+    p.add_argument("--new-tokens", type=int, default=0, help="generated tokens per sequence")
+    p.add_argument("--batch", type=int, default=1, help="sequences")
+    p.add_argument("--quant", help="fp16 | bf16 | int8 | gptq:4g128[-act] | rtn:3g64 | "
+                   "aqlm:1x16g8 | aqlm:2 | CHECKPOINT_DIR; estimates of other tools: "
+                   f"{', '.join(FOREIGN)}; "
+                   "default: a table of candidates")
+    p.add_argument("--kv-dtype", default="auto", help="auto (the model's) | fp16 | fp8 | int8")
+    p.add_argument("--runtime", default="hf", choices=fits.RUNTIMES,
+                   help="hf (measured) | vllm | llama.cpp (estimates)")
+    p.add_argument("--workload", default="generate", choices=WORKLOADS)
+    p.add_argument("--attention", default="sdpa", choices=fits.ATTENTION)
+    p.add_argument("--train", choices=TRAIN_MODES, help="one AdamW step of training instead")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--dtype", default="auto", help="auto (the model's 16-bit dtype) | fp16 | "
+                   "bf16 | fp32")
+    p.add_argument("--list", action="store_true", help="list the known models and GPUs")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+
+def run_fits(args) -> int:
+    from quant import recipes
+    from quant.eval import fits
+    from quant.eval.fits_render import render
+
+    if args.list:
+        print("models: " + ", ".join(recipes.known_models()))
+        print("GPUs: " + ", ".join(recipes.gpus()))
+        return 0
+    job = fits.FitsJob(model=args.model, gpu=args.gpu, vram=args.vram, context=args.context,
+                       new_tokens=args.new_tokens, batch=args.batch, quant=args.quant,
+                       kv_dtype=args.kv_dtype, runtime=args.runtime, workload=args.workload,
+                       attention=args.attention, train=args.train,
+                       gradient_checkpointing=args.gradient_checkpointing,
+                       lora_rank=args.lora_rank, dtype=args.dtype)
+    answer = fits.fits(job)
+    print(json.dumps(answer, indent=2) if args.json else render(answer))
+    return 0
+
+
 def add_export_args(p):
     p.add_argument("directory", type=Path, help="lowbit checkpoint directory")
     p.add_argument("out", type=Path, help="directory to write")
@@ -222,7 +303,10 @@ COMMANDS = {
     "quantize": (add_quantize_args, run_quantize, "quantize a model into a lowbit checkpoint"),
     "plan": (add_plan_args, run_plan, "each layer's format, bits and the checkpoint size, "
              "from the model's config alone"),
-    "eval": (add_eval_args, run_eval, "perplexity of a checkpoint or fp model (JSON)"),
+    "eval": (add_eval_args, run_eval, "perplexity or measured memory of a checkpoint or fp "
+             "model (JSON)"),
+    "fits": (add_fits_args, run_fits, "will a model fit a GPU: memory by part, the largest "
+             "context and batch, decode speed"),
     "info": (add_info_args, run_info, "per-layer formats, bits per weight and size"),
     "export": (add_export_args, run_export, "rewrite a uniform checkpoint for another runtime"),
 }

@@ -70,6 +70,10 @@ def skeleton(path: Path, config=None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if config is None:
+        from quant.checkpoint import read_model_config
+
+        read_model_config(path)  # a missing or invalid config.json: one clear line
     with _unsupported(path):
         config = config or AutoConfig.from_pretrained(path)
         check_causal_lm(path, config)
