@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -47,28 +48,97 @@ def evaluate_ppl(spec: str | None, dataset: str = "wiki-demo", seqlen: int = 512
                  device: torch.device = torch.device("cpu"), batch_size: int = 4,
                  progress: bool = True, allow_pickle: bool = False,
                  reuse_fp: bool = False) -> dict:
-    """Perplexity of a checkpoint or an fp model; with `reuse_fp`, an fp model's result
-    measured before under the same conditions is returned instead (marked "cached")."""
-    data.check_dataset_name(dataset)
-    started = time.time()
+    """Perplexity of a checkpoint or an fp model on one data set's evaluation split."""
+    return evaluate_ppls(spec, [dataset], seqlen, device, batch_size, progress, allow_pickle,
+                         reuse_fp)[0]
+
+
+def evaluate_ppls(spec: str | None, datasets: list[str], seqlen: int = 512,
+                  device: torch.device = torch.device("cpu"), batch_size: int = 4,
+                  progress: bool = True, allow_pickle: bool = False,
+                  reuse_fp: bool = False) -> list[dict]:
+    """Perplexity of a checkpoint or an fp model on each data set (the model is loaded
+    once); with `reuse_fp`, an fp model's result measured before under the same conditions
+    is returned instead (marked "cached"). A checkpoint's results go to its eval.json."""
+    for dataset in datasets:
+        data.check_dataset_name(dataset)
     source, quantized = locate(spec)
-    cache_file = None if quantized else fp_cache_file(source, dataset, seqlen, device)
-    if reuse_fp and cache_file is not None:
-        earlier = _read_cached(cache_file)
-        if earlier is not None:
-            return {**earlier, "cached": True}
-    model, tokenizer = load_model(source, quantized, device, allow_pickle)
-    windows = data.eval_windows(dataset, tokenizer, seqlen)
-    ppl = perplexity(model, windows, batch_size=batch_size, progress=progress)
-    result = {"model": spec or "smollm2-135m", "quantized": quantized, "metric": "perplexity",
-              "dataset": dataset, "seqlen": seqlen, "windows": len(windows), "ppl": ppl,
-              "device": str(device), "seconds": round(time.time() - started, 2)}
-    if quantized:
-        record(source, result)
-    else:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_json(cache_file, result)
-    return result
+    cache = {d: None if quantized else fp_cache_file(source, d, seqlen, device)
+             for d in datasets}
+    results = {}
+    if reuse_fp and not quantized:
+        for dataset, path in cache.items():
+            earlier = _read_cached(path)
+            if earlier is not None:
+                results[dataset] = {**earlier, "cached": True}
+    todo = [d for d in datasets if d not in results]
+    if todo:
+        model, tokenizer = load_model(source, quantized, device, allow_pickle)
+    for dataset in todo:
+        started = time.time()
+        windows = data.eval_windows(dataset, tokenizer, seqlen)
+        ppl = perplexity(model, windows, batch_size=batch_size, progress=progress,
+                         desc=f"perplexity {dataset}")
+        result = {"model": spec or "smollm2-135m", "quantized": quantized,
+                  "metric": "perplexity", "dataset": dataset, "seqlen": seqlen,
+                  "windows": len(windows), "ppl": ppl, "device": str(device),
+                  "seconds": round(time.time() - started, 2)}
+        if quantized:
+            record(source, result)
+        else:
+            cache[dataset].parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_json(cache[dataset], result)
+        results[dataset] = result
+    return [results[d] for d in datasets]
+
+
+def expand_datasets(name: str) -> list[str]:
+    """The data sets `--ppl NAME` evaluates: every demo domain for all-demo."""
+    return data.demo_sets() if name == data.ALL_DEMO else [name]
+
+
+def fp_source(checkpoint_dir: Path) -> Path | None:
+    """The fp model a checkpoint was quantized from, when its directory is still there."""
+    try:
+        source = checkpoint.read_report(checkpoint_dir).get("source")
+    except Exception:  # no or damaged report: no baseline
+        return None
+    return Path(source) if source and (Path(source) / "config.json").is_file() else None
+
+
+def compare_to_fp(quantized: list[dict], fp: list[dict]) -> dict:
+    """Per data set, the quantized and fp perplexities and their ratio, and the geometric
+    mean of the ratios (the figure quoted across domains)."""
+    rows = [{"dataset": q["dataset"], "fp": f["ppl"], "quantized": q["ppl"],
+             "ratio": q["ppl"] / f["ppl"]} for q, f in zip(quantized, fp)]
+    geomean = math.exp(sum(math.log(r["ratio"]) for r in rows) / len(rows))
+    return {"metric": "perplexity-vs-fp", "datasets": [r["dataset"] for r in rows],
+            "seqlen": quantized[0]["seqlen"], "rows": rows, "geomean_ratio": geomean}
+
+
+def summarize_ppl(directory: Path, quantized: list[dict], fp: list[dict]) -> dict:
+    """Record a checkpoint's fp baselines and its comparison with them in its eval.json;
+    returns the comparison."""
+    for result in fp:
+        record(directory, {**result, "model": str(fp_source(directory) or result["model"])})
+    comparison = compare_to_fp(quantized, fp)
+    record(directory, {**comparison, "dataset": "+".join(comparison["datasets"]),
+                       "quantized": True, "model": quantized[0]["model"]})
+    return comparison
+
+
+def domain_table(rows: list[dict], geomean: float | None = None) -> str:
+    """A text table of per-data-set perplexities: rows of compare_to_fp, or rows with
+    only "fp" or only "quantized"."""
+    def cell(row: dict, key: str, width: int) -> str:
+        return f"{row[key]:{width}.3f}" if row.get(key) is not None else f"{'-':>{width}}"
+
+    lines = [f"{'data set':<20} {'fp':>9} {'quantized':>10} {'x fp':>7}"]
+    lines += [f"{r['dataset']:<20} {cell(r, 'fp', 9)} {cell(r, 'quantized', 10)} "
+              f"{cell(r, 'ratio', 7)}" for r in rows]
+    if geomean is not None:
+        lines.append(f"{'geometric mean':<20} {'':>9} {'':>10} {geomean:7.3f}")
+    return "\n".join(lines)
 
 
 def fp_cache_file(source: Path | str, dataset: str, seqlen: int, device: torch.device) -> Path:

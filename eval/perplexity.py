@@ -10,12 +10,12 @@ from tqdm.auto import tqdm
 
 
 def window_losses(model, windows: torch.Tensor, batch_size: int = 4,
-                  progress: bool = True) -> list[float]:
+                  progress: bool = True, desc: str = "perplexity") -> list[float]:
     """Mean next-token loss of each window [n, seqlen], computed `batch_size` windows at a time."""
     device = next(model.parameters()).device
     losses = []
     with torch.no_grad():
-        for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch",
+        for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch",
                           disable=not progress):
             batch = batch.to(device)
             logits = model(input_ids=batch, use_cache=False).logits
@@ -25,6 +25,7 @@ def window_losses(model, windows: torch.Tensor, batch_size: int = 4,
     return losses
 
 
-def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> float:
-    losses = window_losses(model, windows, batch_size, progress)
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
+               desc: str = "perplexity") -> float:
+    losses = window_losses(model, windows, batch_size, progress, desc)
     return math.exp(sum(losses) / len(losses))

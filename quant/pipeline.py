@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from quant import checkpoint, models
 from quant import plan as plans
-from quant.data import CalibConfig, calibration_windows
+from quant.data import CalibConfig, calibration_windows, self_count
 from quant.errors import ConfigError, ModelError
 from quant.finetune import block_outputs, finetune_block, finetune_model, norm_parameters
 from quant.formats import format_class
@@ -148,8 +148,11 @@ def quantize(job: QuantizeJob) -> Path:
     staging.check(run.fingerprint(dtype), job.resume, job.overwrite)
 
     tokenizer = models.load_tokenizer(run.source)
-    input_ids = calibration_windows(run.calib, tokenizer)
+    sampled = self_count(run.calib.dataset) is not None  # needs the model; text does not
+    input_ids = None if sampled else calibration_windows(run.calib, tokenizer)
     model = models.load_fp(run.source, dtype, job.allow_pickle)
+    if sampled:
+        input_ids = calibration_windows(run.calib, tokenizer, model)
     prefix, blocks = find_blocks(model)
     done = staging.open(run.fingerprint(dtype), job.resume, job.overwrite)
 

@@ -1,3 +1,5 @@
+import collections
+import dataclasses
 import json
 import random
 import re
@@ -73,3 +75,111 @@ def test_bad_names(tmp_path):
     bad.write_text('{"body": "x"}\n')
     with pytest.raises(DataError, match="no 'text' column"):
         data.token_splits(str(bad), None)
+
+
+# ---- the demo domains and mix-demo ------------------------------------------------------
+
+# First tokens of each demo split (SmolLM2 tokenizer) and the text's whole token count:
+# the splits are fixed, so numbers measured on them stay comparable.
+PINNED_SPLITS = {
+    "wiki-demo": ([34, 32, 32, 39, 3284, 10158, 8339, 281],
+                  [281, 260, 372, 2178, 522, 662, 16463, 30], 458603),
+    "c4-demo": ([21892, 390, 429, 3227, 10599, 288, 3764, 10599],
+                [933, 44846, 136, 30567, 126, 177, 221, 223], 78190),
+    "code-demo": ([17377, 1485, 30, 103, 333, 907, 20, 32],
+                  [198, 107, 3805, 476, 5903, 1799, 476, 33], 90849),
+    "multilingual-demo": ([49, 1913, 10764, 578, 826, 260, 19390, 284],
+                          [5470, 248, 9175, 27714, 36529, 18408, 21985, 12681], 95090),
+    "technical-demo": ([28845, 6966, 198, 198, 45508, 314, 38552, 8722],
+                       [43, 30461, 506, 6783, 312, 608, 258, 314], 43768),
+    "tiny-demo": ([2705, 1194, 28, 253, 1838, 8180, 3365, 14176],
+                  [614, 30, 15218, 2001, 28, 384, 436, 1147], 62380),
+}
+
+
+def test_demo_splits_are_pinned(demo_tokenizer):
+    assert set(data.demo_sets()) == set(PINNED_SPLITS)
+    for name, (calib_head, eval_head, total) in PINNED_SPLITS.items():
+        pool, held_out = data.token_splits(name, demo_tokenizer)
+        assert pool[:8].tolist() == calib_head and held_out[:8].tolist() == eval_head, name
+        assert len(pool) + len(held_out) == total, name
+        assert len(held_out) == (40 if name == "wiki-demo" else 32) * 512
+        if name != "wiki-demo":  # the raw file, tokenized independently, is pool + tail
+            raw = assets.text_path(name).read_text(encoding="utf-8")
+            assert torch.cat([pool, held_out]).tolist() == \
+                demo_tokenizer(raw, add_special_tokens=False)["input_ids"]
+        windows = data.eval_windows(name, demo_tokenizer, 512)
+        assert len(windows) >= 16 and torch.equal(windows.flatten(), held_out)
+
+
+def test_calibration_never_overlaps_evaluation(demo_tokenizer):
+    """Calibration windows (mix-demo, and every domain alone) come from the calibration
+    parts: a window drawn from a held-out tail would share all its 32-token runs with it.
+    The texts repeat some boilerplate (a web archive's month list, a wiki species
+    template), so a window may share a few runs with a tail by the text itself."""
+    n = 32
+    held_out = set()
+    for name in data.demo_sets():
+        tail = data.token_splits(name, demo_tokenizer)[1].tolist()
+        held_out |= {tuple(tail[i:i + n]) for i in range(len(tail) - n + 1)}
+    sets = [data.calibration_windows(data.CalibConfig("mix-demo", 128, 512, 0), demo_tokenizer)]
+    sets += [data.calibration_windows(data.CalibConfig(name, 16, 512, 1), demo_tokenizer)
+             for name in data.demo_sets()]
+    shared = [sum(tuple(row[i:i + n]) in held_out for i in range(512 - n + 1)) / (512 - n + 1)
+              for windows in sets for row in windows.tolist()]
+    assert max(shared) < 0.1 and sum(shared) / len(shared) < 0.01
+
+
+def test_mix_demo_draws_every_domain_in_equal_parts(demo_tokenizer):
+    windows = data.calibration_windows(data.CalibConfig("mix-demo", 128, 512, 0), demo_tokenizer)
+    assert windows.shape == (128, 512)
+    again = data.calibration_windows(data.CalibConfig("mix-demo", 128, 512, 0), demo_tokenizer)
+    assert torch.equal(windows, again)
+    pools = {name: data.token_splits(name, demo_tokenizer)[0] for name in data.demo_sets()}
+
+    def domain(row: torch.Tensor) -> str:
+        found = [name for name, pool in pools.items()
+                 if any(torch.equal(pool[s:s + 512], row)
+                        for s in (pool[:-512] == row[0]).nonzero().flatten().tolist())]
+        assert len(found) == 1
+        return found[0]
+
+    counts = collections.Counter(domain(row) for row in windows)
+    assert sorted(counts.values()) == [21, 21, 21, 21, 22, 22]  # 128 = 6 x 21 + 2
+    first = [domain(row) for row in windows[:6]]  # interleaved: any prefix is mixed
+    assert sorted(first) == sorted(data.demo_sets())
+
+
+def test_demo_data_errors(demo_tokenizer):
+    with pytest.raises(ConfigError, match="unknown data set 'news-demo'.*tiny-demo"):
+        data.CalibConfig("news-demo").validate()
+    with pytest.raises(DataError, match=r"at most --nsamples 53 at this --seqlen"):
+        data.calibration_windows(data.CalibConfig("technical-demo", 60, 512, 0), demo_tokenizer)
+    with pytest.raises(DataError, match=r"technical-demo gives .*at most about --nsamples 318"):
+        data.calibration_windows(data.CalibConfig("mix-demo", 400, 512, 0), demo_tokenizer)
+
+
+def test_self_generated_calibration(tiny_dir):
+    """self:N samples N sequences of --seqlen tokens from the model, each from its BOS
+    token; the seed fixes them, and they follow the model's own distribution."""
+    from quant.models import load_fp, load_tokenizer
+
+    model, tokenizer = load_fp(tiny_dir, torch.float32), load_tokenizer(tiny_dir)
+    cfg = data.CalibConfig("self:3", seqlen=12).with_default_nsamples(128)
+    assert cfg.nsamples == 3
+    windows = data.calibration_windows(cfg, tokenizer, model)
+    assert windows.shape == (3, 12) and (windows[:, 0] == tokenizer.bos_token_id).all()
+    assert torch.equal(windows, data.calibration_windows(cfg, tokenizer, model))
+    other = data.calibration_windows(dataclasses.replace(cfg, seed=1), tokenizer, model)
+    assert not torch.equal(windows, other)
+    # each sampled token is one the model gives real probability (the tiny model is near
+    # uniform over 49k tokens, so a token drawn from anything else would look the same:
+    # check against a model made peaked instead)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+        peaked = data.calibration_windows(cfg, tokenizer, model)
+        probs = torch.softmax(model(peaked).logits[:, :-1].float(), -1)
+        picked = probs.gather(-1, peaked[:, 1:, None]).squeeze(-1)
+    assert picked.log().mean() > probs.max(-1).values.log().mean() - 3.0
+    with pytest.raises(ConfigError, match="it needs the model"):
+        data.calibration_windows(cfg, tokenizer)

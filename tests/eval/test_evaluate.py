@@ -66,3 +66,54 @@ def test_checkpoints_are_always_measured(counted, tiny_dir, tmp_path):
         assert result["quantized"] and not result.get("cached")
     assert len(counted) == 2
     assert not (tmp_path / "cache" / "fp-eval").exists()
+
+
+def test_all_demo_table_ratios_and_eval_json(counted, tiny_dir, tmp_path, capsys):
+    """`quantize` ends with every demo domain's perplexity, fp and quantized, their ratios
+    and the geometric mean of the ratios; `quant eval --ppl all-demo` gives the same, and
+    eval.json holds one result per split."""
+    import json
+    import math
+
+    from quant import data
+    from quant.cli import main, quantize_main
+
+    out = tmp_path / "ckpt"
+    assert quantize_main([str(tiny_dir), "--method", "rtn", "--bits", "3", "--nsamples", "6",
+                          "--seqlen", "64", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    domains = data.demo_sets()
+    assert len(counted) == 2 * len(domains)        # fp and quantized, each split once
+    assert main(["eval", str(out), "--ppl", "all-demo"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(counted) == 3 * len(domains)        # the fp results are reused
+    assert [r["dataset"] for r in result["results"]] == domains
+    for r in result["results"]:
+        assert r["windows"] == (40 if r["dataset"] == "wiki-demo" else 32)
+    rows = result["comparison"]["rows"]
+    for row in rows:
+        assert row["ratio"] == pytest.approx(row["quantized"] / row["fp"], rel=1e-12)
+    geomean = math.prod(r["ratio"] for r in rows) ** (1 / len(rows))
+    assert result["comparison"]["geomean_ratio"] == pytest.approx(geomean, rel=1e-9)
+
+    # one split against an independent torch computation on the checkpoint
+    import quant
+    from quant.models import load_tokenizer
+
+    model = quant.load(out, dtype=torch.float32)
+    windows = data.eval_windows("code-demo", load_tokenizer(out), 512)
+    with torch.no_grad():
+        logits = model(windows).logits[:, :-1].float()
+    losses = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), windows[:, 1:].flatten(), reduction="none").view(len(windows), -1)
+    code = next(r for r in rows if r["dataset"] == "code-demo")
+    assert code["quantized"] == pytest.approx(math.exp(losses.mean(1).double().mean()), rel=1e-4)
+
+    assert "geometric mean" in printed and all(d in printed for d in domains)
+    records = json.loads((out / "eval.json").read_text())
+    for quantized in (True, False):
+        assert sorted(r["dataset"] for r in records if r["metric"] == "perplexity"
+                      and r["quantized"] is quantized) == sorted(domains)
+    summary, = [r for r in records if r["metric"] == "perplexity-vs-fp"]
+    assert summary["datasets"] == domains
+    assert summary["geomean_ratio"] == pytest.approx(geomean, rel=1e-9)
