@@ -26,6 +26,8 @@ ROWS = {  # name: (method, options, calibration set)
     "gptq-4-off-wiki": ("gptq", {"bits": 4, **G64, "act_order": False}, "wiki-demo"),
     "gptq-3-act-mix": ("gptq", {"bits": 3, **G64, "act_order": True}, "mix-demo"),
     "gptq-3-act-wiki": ("gptq", {"bits": 3, **G64, "act_order": True}, "wiki-demo"),
+    "gptq-4-act-self": ("gptq", {"bits": 4, **G64, "act_order": True}, "self:128"),
+    "gptq-3-act-self": ("gptq", {"bits": 3, **G64, "act_order": True}, "self:128"),
     "aqlm-2-wiki-nodistill": ("aqlm", {"bits": 2, "distill_steps": 0}, "wiki-demo"),
     "aqlm-2-wiki": ("aqlm", {"bits": 2}, "wiki-demo"),
     "aqlm-2-mix-nodistill": ("aqlm", {"bits": 2, "distill_steps": 0}, "mix-demo"),
