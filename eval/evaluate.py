@@ -61,7 +61,7 @@ def evaluate_ppls(spec: str | None, datasets: list[str], seqlen: int = 512,
     once); with `reuse_fp`, an fp model's result measured before under the same conditions
     is returned instead (marked "cached"). A checkpoint's results go to its eval.json."""
     for dataset in datasets:
-        data.check_dataset_name(dataset)
+        data.check_eval_name(dataset)
     source, quantized = locate(spec)
     cache = {d: None if quantized else fp_cache_file(source, d, seqlen, device)
              for d in datasets}

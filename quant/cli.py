@@ -106,7 +106,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_quantize(args) -> int:
-    from quant.data import CalibConfig, check_dataset_name
+    from quant.data import CalibConfig, check_eval_name
     from quant.eval.evaluate import domain_table, evaluate_ppls, expand_datasets, summarize_ppl
     from quant.info import describe, distill_line
     from quant.methods import make_method
@@ -114,7 +114,7 @@ def run_quantize(args) -> int:
 
     options = method_options(args)
     for dataset in expand_datasets(args.eval_ppl):
-        check_dataset_name(dataset)  # before the run, not after it
+        check_eval_name(dataset)  # before the run, not after it
     caution = make_method(args.method, **options).caution()  # bad options fail first
     if caution:
         print(f"note: {caution}", file=sys.stderr)

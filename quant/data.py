@@ -84,10 +84,18 @@ def check_dataset_name(name: str) -> None:
     path = Path(name).expanduser()
     if path.suffix.lower() not in LOCAL_SUFFIXES:
         raise ConfigError(
-            f"unknown data set {name!r}: use one of {', '.join(known_sets())} "
+            f"unknown data set {name!r}: use one of {', '.join(known_sets())}, self:N "
             f"or a file ending in {', '.join(LOCAL_SUFFIXES)}")
     if not path.is_file():
         raise DataError(f"data file {name} does not exist")
+
+
+def check_eval_name(name: str) -> None:
+    """A data set with an evaluation split (not self:N, which is only sampled)."""
+    check_dataset_name(name)
+    if self_count(name) is not None:
+        raise ConfigError(f"{name} is sampled from the model for calibration; it has no "
+                          "text to evaluate on")
 
 
 # ---- text ------------------------------------------------------------------------------
@@ -173,6 +181,7 @@ def token_splits(name: str, tokenizer) -> tuple[torch.Tensor, torch.Tensor | Non
         return encode(tokenizer, calib), None if evaluation is None else encode(tokenizer, evaluation)
     if name == "mix-demo":
         raise ConfigError("mix-demo has no single token pool (it mixes the demo domains)")
+    check_eval_name(name)
     ids = encode(tokenizer, _local_text(Path(name).expanduser()))
     return ids, ids
 

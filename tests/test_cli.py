@@ -54,6 +54,7 @@ def left_behind(work):
     (["{tiny}", "--calib", "self:0"], "self:N needs a whole number of sequences N >= 1"),
     (["{tiny}", "--calib", "self:4", "--nsamples", "8"], "drop --nsamples 8 or make it 4"),
     (["{tiny}", "--eval-ppl", "news-demo"], "unknown data set"),
+    (["{tiny}", "--eval-ppl", "self:8"], "it has no text to evaluate on"),
     (["{tiny}", "--method", "nope"], "unknown method"),
     (["{tiny}", "--nsamples", "0"], "--nsamples must be at least 1"),
     (["{tiny}", "--device", "tpu"], "--device"),
