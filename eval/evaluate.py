@@ -79,7 +79,7 @@ def evaluate_ppls(spec: str | None, datasets: list[str], seqlen: int = 512,
         windows = data.eval_windows(dataset, tokenizer, seqlen)
         ppl = perplexity(model, windows, batch_size=batch_size, progress=progress,
                          desc=f"perplexity {dataset}")
-        result = {"model": spec or "smollm2-135m", "quantized": quantized,
+        result = {"model": spec or assets.DEFAULT_MODEL, "quantized": quantized,
                   "metric": "perplexity", "dataset": dataset, "seqlen": seqlen,
                   "windows": len(windows), "ppl": ppl, "device": str(device),
                   "seconds": round(time.time() - started, 2)}
@@ -116,14 +116,19 @@ def compare_to_fp(quantized: list[dict], fp: list[dict]) -> dict:
             "seqlen": quantized[0]["seqlen"], "rows": rows, "geomean_ratio": geomean}
 
 
-def summarize_ppl(directory: Path, quantized: list[dict], fp: list[dict]) -> dict:
-    """Record a checkpoint's fp baselines and its comparison with them in its eval.json;
-    returns the comparison."""
+def versus_fp(directory: Path, results: list[dict], fp_spec: str | None, seqlen: int = 512,
+              device: torch.device = torch.device("cpu"), batch_size: int = 4) -> dict:
+    """Compare a checkpoint's perplexity `results` with the fp model `fp_spec`'s on the same
+    data sets (measured, or reused from the cache); the fp results and the comparison go
+    to the checkpoint's eval.json. Returns the comparison."""
+    fp = evaluate_ppls(fp_spec, [r["dataset"] for r in results], seqlen, device, batch_size,
+                       reuse_fp=True)
+    name = str(fp_source(directory) or fp[0]["model"])
     for result in fp:
-        record(directory, {**result, "model": str(fp_source(directory) or result["model"])})
-    comparison = compare_to_fp(quantized, fp)
+        record(directory, {**result, "model": name})
+    comparison = compare_to_fp(results, fp)
     record(directory, {**comparison, "dataset": "+".join(comparison["datasets"]),
-                       "quantized": True, "model": quantized[0]["model"]})
+                       "quantized": True, "model": results[0]["model"]})
     return comparison
 
 
@@ -194,14 +199,10 @@ def evaluate_memory(spec: str | None, job, device: torch.device,
     source, quantized = locate(spec)
     model, _ = load_model(source, quantized, device, allow_pickle)
     measured = measure(model, job, device)
-    fits_job = fits.FitsJob(context=job.context, batch=job.batch, new_tokens=job.new_tokens,
-                            workload=job.workload, train=job.train,
-                            gradient_checkpointing=job.gradient_checkpointing,
-                            lora_rank=job.lora_rank, device=device.type,
-                            dtype="fp32" if device.type == "cpu" else "fp16")
+    fits_job = job.fits_job(device.type)
     predicted = fits.estimate(fits_job, fits.load_model(str(source)),
-                              None if quantized else ("fp32" if device.type == "cpu" else "fp16"))
-    result = {"model": spec or "smollm2-135m", "quantized": quantized, "metric": "memory",
+                              None if quantized else fits_job.dtype)
+    result = {"model": spec or assets.DEFAULT_MODEL, "quantized": quantized, "metric": "memory",
               "job": describe_job(job), **measured,
               "predicted": {"peak_bytes": predicted["total_bytes"],
                             "breakdown": predicted["breakdown"]},

@@ -68,7 +68,7 @@ def method_options(args) -> dict:
 
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
-    from quant.data import ALL_DEMO, CalibConfig
+    from quant.data import ALL_DEMO, CalibConfig, known_sets
     from quant.methods import METHODS
     from quant.pipeline import MATMUL_DTYPES
 
@@ -78,10 +78,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     add_method_args(p)
     calib = p.add_argument_group("calibration")
     calib.add_argument("--calib", default=CalibConfig.dataset,
-                       help="mix-demo (default: every demo domain in equal parts) | wiki-demo "
-                            "| c4-demo | code-demo | multilingual-demo | technical-demo | "
-                            "tiny-demo | wikitext2 | c4 | redpajama | PATH "
-                            "(.txt/.jsonl/.parquet)")
+                       help=f"{' | '.join(known_sets())} | self:N (N sequences the fp "
+                            "model samples) | PATH (.txt/.jsonl/.parquet); default mix-demo: "
+                            "every demo domain in equal parts")
     calib.add_argument("--nsamples", type=int, default=None,
                        help="calibration windows (default: the method's, 128 for most)")
     calib.add_argument("--seqlen", type=int, default=CalibConfig.seqlen)
@@ -107,7 +106,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
 
 def run_quantize(args) -> int:
     from quant.data import CalibConfig, check_eval_name
-    from quant.eval.evaluate import domain_table, evaluate_ppls, expand_datasets, summarize_ppl
+    from quant.eval.evaluate import domain_table, evaluate_ppls, expand_datasets, versus_fp
     from quant.info import describe, distill_line
     from quant.methods import make_method
     from quant.pipeline import QuantizeJob, quantize, resolve_device
@@ -136,9 +135,8 @@ def run_quantize(args) -> int:
     if not args.no_eval:
         device = resolve_device(args.device)
         datasets = expand_datasets(args.eval_ppl)
-        fp = evaluate_ppls(args.model, datasets, device=device, reuse_fp=True)
-        q = evaluate_ppls(str(out), datasets, device=device)
-        comparison = summarize_ppl(out, q, fp)
+        comparison = versus_fp(out, evaluate_ppls(str(out), datasets, device=device),
+                               args.model, device=device)
         print(f"perplexity (seqlen {comparison['seqlen']}, held-out splits; fp measured once "
               "per model and data, then cached):")
         print(domain_table(comparison["rows"], comparison["geomean_ratio"]
@@ -182,7 +180,7 @@ def add_eval_args(p):
 
 def run_eval(args) -> int:
     from quant.eval.evaluate import (domain_table, evaluate_memory, evaluate_ppls,
-                                     expand_datasets, fp_source, locate, summarize_ppl)
+                                     expand_datasets, fp_source, locate, versus_fp)
     from quant.eval.memory import MemoryJob
     from quant.pipeline import resolve_device
 
@@ -212,9 +210,8 @@ def run_eval(args) -> int:
         print(domain_table([{"dataset": r["dataset"], column: r["ppl"]} for r in results]),
               file=sys.stderr)
         return _print_result({"results": results}, args.output)
-    fp = evaluate_ppls(str(baseline), datasets, args.seqlen, device, args.batch_size,
-                       reuse_fp=True)
-    comparison = summarize_ppl(source, results, fp)
+    comparison = versus_fp(source, results, str(baseline), args.seqlen, device,
+                           args.batch_size)
     print(domain_table(comparison["rows"], comparison["geomean_ratio"]), file=sys.stderr)
     return _print_result({"results": results, "comparison": comparison}, args.output)
 

@@ -173,7 +173,7 @@ def encode(tokenizer, text: str) -> torch.Tensor:
 def token_splits(name: str, tokenizer) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(calibration pool, evaluation split) token ids of a data set (not mix-demo, which
     has no pool of its own)."""
-    check_dataset_name(name)
+    check_eval_name(name)
     if name in assets.TEXTS:
         return demo_splits(name, tokenizer)
     if name in HUB_SETS:
@@ -181,7 +181,6 @@ def token_splits(name: str, tokenizer) -> tuple[torch.Tensor, torch.Tensor | Non
         return encode(tokenizer, calib), None if evaluation is None else encode(tokenizer, evaluation)
     if name == "mix-demo":
         raise ConfigError("mix-demo has no single token pool (it mixes the demo domains)")
-    check_eval_name(name)
     ids = encode(tokenizer, _local_text(Path(name).expanduser()))
     return ids, ids
 
@@ -233,10 +232,11 @@ def mix_shares(nsamples: int) -> dict[str, int]:
 def mix_windows(cfg: CalibConfig, tokenizer) -> torch.Tensor:
     pools = {name: demo_splits(name, tokenizer)[0] for name in MIX_DEMO}
     shares = mix_shares(cfg.nsamples)
-    total = sum(MIX_DEMO.values())
-    most = min(len(pools[n]) // cfg.seqlen * total // part for n, part in MIX_DEMO.items())
-    for number, name in enumerate(MIX_DEMO):
+    for name in MIX_DEMO:
         if shares[name] * cfg.seqlen > len(pools[name]):
+            total = sum(MIX_DEMO.values())
+            most = min(len(pools[n]) // cfg.seqlen * total // part
+                       for n, part in MIX_DEMO.items())
             raise DataError(
                 f"mix-demo: {name} gives {shares[name]} of the {cfg.nsamples} windows, more "
                 f"than its {len(pools[name])} calibration tokens hold at --seqlen "
