@@ -18,27 +18,25 @@ import functools
 import json
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from quant import checkpoint, models, recipes
+from quant import assets, checkpoint, models, recipes
 from quant.errors import ConfigError, LowbitError
 from quant.eval import schemes
 from quant.eval.memory import TRAIN_MODES, WORKLOADS
 
 RUNTIMES = ("hf", "vllm", "llama.cpp")
 KV_DTYPES = {"fp16": 2, "bf16": 2, "fp8": 1, "int8": 1, "fp32": 4}  # bytes per element
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = schemes.DENSE  # the runtime dtypes --dtype names
 ATTENTION = ("sdpa", "eager")
 CANDIDATES = {  # the table `quant fits` prints without --quant, by job
     "inference": ("fp16", "int8", "gptq:4g128", "aqlm:2", "nf4", "q4_k_m"),
     "lora": ("fp16",), "full": ("fp32", "bf16"),
     "qlora": ("int8", "gptq:4g128", "aqlm:2", "nf4"),
 }
-GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -102,7 +100,7 @@ class Model:
 def load_model(spec: str | None) -> Model:
     """A known model name, a local model or checkpoint directory (or its config.json), or a
     hub id (config.json only, when online)."""
-    spec = spec or "smollm2-135m"
+    spec = spec or assets.DEFAULT_MODEL
     known = recipes.find_model(spec)
     if known is not None:
         config = known.transformers_config()
@@ -110,29 +108,18 @@ def load_model(spec: str | None) -> Model:
     path = Path(spec).expanduser()
     if path.is_file() and path.name == "config.json":
         path = path.parent
-    if path.is_dir():
-        directory = models.resolve(str(path), config_only=True)
-        lowbit = checkpoint.is_lowbit_checkpoint(directory)
-        return Model(str(path), _text_config(models.skeleton(directory).config),
-                     models.skeleton(directory), directory if lowbit else None)
-    if "/" not in spec:
+    if not path.is_dir() and "/" not in spec:
         raise ConfigError(f"unknown model {spec!r}"
                           f"{recipes.suggestions(recipes.known_models(), spec)}")
-    directory = models.resolve(spec, config_only=True)
-    return Model(spec, _text_config(models.skeleton(directory).config), models.skeleton(directory))
+    name = str(path) if path.is_dir() else spec
+    directory = models.resolve(name, config_only=True)
+    skeleton = models.skeleton(directory)
+    lowbit = path.is_dir() and checkpoint.is_lowbit_checkpoint(directory)
+    return Model(name, _text_config(skeleton.config), skeleton, directory if lowbit else None)
 
 
 def _text_config(config):
     return config.get_text_config(decoder=True)
-
-
-@functools.cache
-def constants() -> dict:
-    path = recipes.ROOT / "memory.toml"
-    try:
-        return tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: not readable ({exc})") from None
 
 
 def features(config) -> dict:
@@ -186,6 +173,11 @@ def kv_bytes(config, tokens: int, batch: int, kv_bytes_per: int, windowed: bool 
 
 # ---- the estimate -----------------------------------------------------------------------
 
+def _hf() -> dict:
+    """recipes/memory.toml's [hf] tables: the transformers runtime's coefficients."""
+    return recipes.memory_constants()["hf"]
+
+
 def runtime_dtype(job: FitsJob, config) -> torch.dtype:
     if job.device == "cpu":
         return torch.float32
@@ -230,7 +222,7 @@ def hf_inference(job: FitsJob, model: Model, weights, f: dict, b: int, kvb: int)
     """transformers: the prefill's peak (activations of its largest phase, the whole
     prefill's KV), or the last decode step's (the grown KV, plus one layer's KV twice while
     the cache concatenates)."""
-    table = constants()["hf"][job.workload]["phases"]
+    table = _hf()[job.workload]["phases"]
     tokens = job.batch * job.context
     phases = [phase_peak(table, f) * b * tokens, dequant_phase(job, weights, f, b, tokens)]
     if job.attention == "eager":  # the attention phase with its scores and fp32 softmax
@@ -255,7 +247,7 @@ def dequant_phase(job: FitsJob, weights, f: dict, b: int, tokens: int) -> int:
     transient = dequant_transient(job, weights, tokens)
     if not transient:
         return 0
-    live = sum(c * f[k] for k, c in constants()["hf"]["dequant"].items())
+    live = sum(c * f[k] for k, c in _hf()["dequant"].items())
     return int(live * b * tokens + transient)
 
 
@@ -300,7 +292,7 @@ def training(job: FitsJob, model: Model, weights, f: dict, b: int) -> dict:
     optimizer state and the step's temporaries)."""
     mode = "lora" if job.train == "qlora" else job.train
     key = mode + ("+gc" if job.gradient_checkpointing else "")
-    table = constants()["hf"]["train"].get(key)
+    table = _hf()["train"].get(key)
     if table is None:
         raise ConfigError(f"no fitted training constants for {key}")
     trainable, largest = trainable_parameters(job, model, f)
@@ -338,7 +330,7 @@ def vllm_inference(job: FitsJob, model: Model, f: dict, b: int, kvb: int) -> dic
     sampler over 256 sequences' fp32 logits, paged KV (16-token blocks, sliding layers
     their window) for the asked sequences."""
     profile = 8192
-    act = phase_peak(constants()["hf"]["generate"]["phases"], f) * b * profile + \
+    act = phase_peak(_hf()["generate"]["phases"], f) * b * profile + \
         256 * f["V"] * 4
     tokens = math.ceil((job.context + job.new_tokens) / 16) * 16
     return {"activations": int(act), "kv_cache": kv_bytes(model.config, tokens, job.batch, kvb)}
@@ -349,7 +341,7 @@ def llamacpp_inference(job: FitsJob, model: Model, f: dict, kvb: int) -> dict:
     compute buffer for a 512-token micro-batch in fp32 with flash attention, and the fp32
     logits of the last token of each sequence."""
     tokens = job.context + job.new_tokens
-    act = phase_peak(constants()["hf"]["generate"]["phases"], f) * 4 * 512 + \
+    act = phase_peak(_hf()["generate"]["phases"], f) * 4 * 512 + \
         job.batch * f["V"] * 4
     return {"activations": int(act), "kv_cache": kv_bytes(model.config, tokens, job.batch, kvb)}
 
@@ -365,7 +357,7 @@ def overheads(job: FitsJob, model: Model, allocated: int) -> dict:
         context, ratio = measured
         how = "measured (eval.json)"
     else:
-        defaults = constants()["gpu"]
+        defaults = recipes.memory_constants()["gpu"]
         context, ratio = int(defaults["context_mib"] * 2**20), defaults["reserved_ratio"]
         how = (f"defaults: {defaults['context_mib']} MiB CUDA context, allocator reserve "
                f"{ratio - 1:.0%} of the tensors")
@@ -373,18 +365,24 @@ def overheads(job: FitsJob, model: Model, allocated: int) -> dict:
 
 
 def measured_overheads(directory: Path | None) -> tuple[int, float] | None:
-    if directory is None or not (directory / "eval.json").is_file():
-        return None
-    try:
-        results = json.loads((directory / "eval.json").read_text())
-    except ValueError:
-        return None
-    found = [r for r in results if isinstance(r, dict) and r.get("metric") == "memory"
-             and r.get("cuda_context_bytes") is not None]
+    found = [r for r in recorded(directory, "memory") if r.get("cuda_context_bytes") is not None]
     if not found:
         return None
     last = found[-1]
     return last["cuda_context_bytes"], last["reserved_peak_bytes"] / max(last["peak_bytes"], 1)
+
+
+def recorded(directory: Path | None, metric: str) -> list[dict]:
+    """The results of `metric` that quant eval recorded in a checkpoint's eval.json."""
+    from quant.eval.evaluate import EVAL_FILE
+
+    if directory is None or not (directory / EVAL_FILE).is_file():
+        return []
+    try:
+        results = json.loads((directory / EVAL_FILE).read_text())
+    except ValueError:
+        return []
+    return [r for r in results if isinstance(r, dict) and r.get("metric") == metric]
 
 
 # ---- questions: does it fit, how far, how fast -------------------------------------------
@@ -473,7 +471,8 @@ def fits(job: FitsJob) -> dict:
 def answer(job: FitsJob, model: Model, quant: str | None, result: dict, budget: int | None,
            gpu) -> dict:
     out = {"gpu_poor": gpu_poor_keys(result["breakdown"])}
-    quality = measured_quality(Path(result["scheme"]))
+    scheme_dir = Path(result["scheme"])
+    quality = measured_quality(scheme_dir) if scheme_dir.is_dir() else []
     if quality:
         out["quality"] = quality
     if budget is not None:
@@ -490,15 +489,8 @@ def answer(job: FitsJob, model: Model, quant: str | None, result: dict, budget: 
 
 def measured_quality(directory: Path) -> list[dict]:
     """The perplexities `quant eval` recorded for a checkpoint (eval.json)."""
-    path = directory / "eval.json"
-    if not path.is_file():
-        return []
-    try:
-        results = json.loads(path.read_text())
-    except ValueError:
-        return []
     return [{"dataset": r.get("dataset"), "seqlen": r.get("seqlen"), "ppl": r.get("ppl")}
-            for r in results if isinstance(r, dict) and r.get("metric") == "perplexity"]
+            for r in recorded(directory, "perplexity")]
 
 
 def gpu_poor_keys(parts: dict) -> dict:

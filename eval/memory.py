@@ -60,6 +60,17 @@ class MemoryJob:
             raise ConfigError(f"--train must be one of {', '.join(TRAIN_MODES)}")
         return self
 
+    def fits_job(self, device: str):
+        """The same job as the fits calculator's question, for a `device` ("cpu"/"cuda")
+        running in the dtype quant eval loads models in there."""
+        from quant.eval.fits import FitsJob
+
+        return FitsJob(context=self.context, batch=self.batch, new_tokens=self.new_tokens,
+                       workload=self.workload, train=self.train,
+                       gradient_checkpointing=self.gradient_checkpointing,
+                       lora_rank=self.lora_rank, device=device,
+                       dtype="fp32" if device == "cpu" else "fp16")
+
 
 # ---- exact sizes -------------------------------------------------------------------------
 
@@ -150,7 +161,7 @@ class CpuTracker:
 class CudaTracker:
     """The caching allocator's peak statistics of one device."""
 
-    def __init__(self, device: torch.device, *external):
+    def __init__(self, device: torch.device):
         self.device = device
 
     def __enter__(self):
@@ -280,9 +291,10 @@ def split(found: dict, weights: int, device: torch.device) -> dict:
     rest of the peak), and overheads beside it."""
     peak = found.pop("peak")
     total = peak["Total"]
-    grads, optim = found.get("gradient_bytes", 0), found.get("optimizer_bytes", 0)
     if device.type == "cpu":  # the tracker's own split at the peak moment
         grads, optim = peak.get("Gradient", 0), peak.get("Optstate", 0)
+    else:
+        grads, optim = found.get("gradient_bytes", 0), found.get("optimizer_bytes", 0)
     parts = {"weights": weights, "kv_cache": found.pop("kv_cache_bytes"), "gradients": grads,
              "optimizer": optim}
     parts["activations"] = max(0, total - sum(parts.values()))

@@ -10,8 +10,9 @@ given bits per weight.
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,15 +37,22 @@ class Weights:
     """What a scheme stores for a model: total bytes, whether they are exact (a lowbit
     Plan) or a documented estimate, and the plan when there is one."""
 
-    scheme: str
     bytes: int
     exact: bool
     plan: Plan | None = None
     how: str = ""
-    largest_linear: int = 0            # out x in of the largest quantized linear
     embedding_bytes: int = 0           # a decode step reads one row per token of it...
     tied: bool = False                 # ...unless it is also the output layer
-    quantized_specs: list = field(default_factory=list)  # the plan's LayerSpecs, if any
+
+    @property
+    def quantized_specs(self) -> list:
+        """The plan's LayerSpecs (none for other tools' schemes)."""
+        return list(self.plan.layers.values()) if self.plan is not None else []
+
+    @property
+    def largest_linear(self) -> int:
+        """out x in of the largest quantized linear."""
+        return max((s.weights for s in self.quantized_specs), default=0)
 
     @property
     def read_per_step(self) -> int:
@@ -77,32 +85,30 @@ def lowbit_method(scheme: str):
 
 def weights(model: nn.Module, scheme: str, dtype: torch.dtype) -> Weights:
     """Bytes of `model`'s weights under `scheme`; kept tensors in `dtype` (the runtime's)."""
-    scheme = scheme.strip().lower() if not Path(scheme).is_dir() else scheme
     if Path(scheme).is_dir():
-        return _from_plan(scheme, plans.checked(Path(scheme), checksums=False), model, dtype,
+        return _from_plan(plans.checked(Path(scheme), checksums=False), model, dtype,
                           "the checkpoint's plan (exact)")
+    scheme = scheme.strip().lower()
     if scheme in DENSE:
-        return _from_plan(scheme, plans.build(model, {}, DENSE[scheme]), model, DENSE[scheme],
+        return _from_plan(plans.build(model, {}, DENSE[scheme]), model, DENSE[scheme],
                           "every tensor in " + scheme)
     if scheme == "mixed" or scheme.startswith("mixed:"):
         raise ConfigError("--quant mixed: per-layer bit allocation (--method mixed) is not "
                           "built yet; plan a uniform scheme")
     method = lowbit_method(scheme)
     if method is not None:
-        return _from_plan(scheme, plans.for_method(model, method, dtype), model, dtype,
+        return _from_plan(plans.for_method(model, method, dtype), model, dtype,
                           "lowbit plan (exact)")
     return _foreign(model, scheme, dtype)
 
 
-def _from_plan(scheme: str, plan: Plan, model: nn.Module, dtype, how: str) -> Weights:
+def _from_plan(plan: Plan, model: nn.Module, dtype, how: str) -> Weights:
     if any(t.dtype.is_floating_point and t.dtype != dtype for t in plan.kept.values()):
         plan = Plan(plan.layers, {n: type(t)(t.shape, dtype if t.dtype.is_floating_point
                                              else t.dtype, t.tied_to)
                                   for n, t in plan.kept.items()})
     embedding, tied = _embedding(model, plan)
-    largest = max((s.weights for s in plan.layers.values()), default=0)
-    return Weights(scheme, plan.checkpoint_bytes(), True, plan, how, largest, embedding, tied,
-                   list(plan.layers.values()))
+    return Weights(plan.checkpoint_bytes(), True, plan, how, embedding, tied)
 
 
 def _embedding(model: nn.Module, plan: Plan) -> tuple[int, bool]:
@@ -144,8 +150,7 @@ def _foreign(model: nn.Module, scheme: str, dtype) -> Weights:
                           "int8, gptq:4g128[-act], rtn:BITSgGROUP, awq:4g128, aqlm:MxBgG, "
                           f"aqlm:BITS or a checkpoint directory; estimates: {', '.join(FOREIGN)}")
     embedding, tied = _embedding(model, base)
-    largest = max((o * i for o, i in linear_bytes.values()), default=0)
-    return Weights(scheme, int(total), False, None, how, largest, embedding, tied)
+    return Weights(int(total), False, None, how, embedding, tied)
 
 
 def _kept_bytes(plan: Plan, skip=()) -> int:
@@ -186,19 +191,22 @@ def _gguf(model: nn.Module, base: Plan, scheme: str) -> tuple[int, str]:
     the output layer in Q6_K), 1-D tensors (norms, biases) in F32."""
     prefix, blocks = find_blocks(model)
     n_layer = len(blocks)
+    stored = base.stored_tensors()
     head = model.get_output_embeddings()
     head_name = _param_name(model, head) if head is not None else None
+    if head_name not in stored:  # tied: the embedding is the output layer
+        head_name = _param_name(model, model.get_input_embeddings())
+    base_kind = {"q8_0": "q8_0", "q4_0": "q4_0", "q4_k_m": "q4_k"}[scheme]
     total = 0
-    for name, spec in base.stored_tensors().items():
-        numel, row = _numel(spec.shape), spec.shape[-1]
+    for name, spec in stored.items():
+        numel, row = math.prod(spec.shape), spec.shape[-1]
         if len(spec.shape) < 2:
             total += 4 * numel
             continue
-        kind = {"q8_0": "q8_0", "q4_0": "q4_0", "q4_k_m": "q4_k"}[scheme]
+        kind = base_kind
         layer = re.match(rf"{re.escape(prefix)}\.(\d+)\.", name)
         if scheme == "q4_k_m":
-            if name == head_name or (head_name is None or head_name not in base.stored_tensors()) \
-                    and name == _param_name(model, model.get_input_embeddings()):
+            if name == head_name:
                 kind = "q6_k"
             elif layer and re.search(r"(v_proj|down_proj)\.weight$", name) and \
                     _use_more_bits(int(layer[1]), n_layer):
@@ -219,14 +227,6 @@ def _exl2(model: nn.Module, base: Plan, linear_bytes: dict, scheme: str) -> tupl
     total = _kept_bytes(base, skip={*linear_bytes, head_name})
     total += sum(o * i for o, i in linear_bytes.values()) * bpw / 8
     if head_name in stored:
-        total += _numel(stored[head_name].shape) * EXL2_HEAD_BITS / 8
+        total += math.prod(stored[head_name].shape) * EXL2_HEAD_BITS / 8
     return int(total), (f"EXL2 at {bpw} bits per weight on the decoder linears, the output "
                         f"layer at {EXL2_HEAD_BITS} bits, the rest fp16 (estimate)")
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-

@@ -4,12 +4,15 @@ output; the quantized tensors stay frozen."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from quant.layers import QuantLinear
 
 
+@functools.cache
 def lora_layer_class():
     """The peft LoRA layer for QuantLinear (peft imported only when LoRA is used)."""
     from peft.tuners.lora import LoraLayer

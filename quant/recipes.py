@@ -94,6 +94,12 @@ def known_models() -> dict[str, KnownModel]:
 
 
 @functools.cache
+def memory_constants() -> dict:
+    """recipes/memory.toml: the fits calculator's measured coefficients and defaults."""
+    return _read(ROOT / "memory.toml")
+
+
+@functools.cache
 def gpus() -> dict[str, GPU]:
     path = ROOT / "gpus.toml"
     return {gpu.name: gpu for gpu in (_build(GPU, entry, f"{path} [[gpu]] {i}")

@@ -159,9 +159,9 @@ def main(argv=None) -> int:
     print(toml_tables(tables))
     if args.write:
         write_constants(tables)
-        from quant.eval import fits
+        from quant import recipes
 
-        fits.constants.cache_clear()
+        recipes.memory_constants.cache_clear()
     checked = check(records)
     worst = {m: max(abs(c["rel_error"]) for c in checked if c["mode"] == m)
              for m in INFER + TRAIN}

@@ -24,10 +24,7 @@ def within_bar(predicted: int, measured: int) -> bool:
 
 
 def predict(model_dir, job: MemoryJob, quant=None) -> dict:
-    fits_job = fits.FitsJob(context=job.context, batch=job.batch, new_tokens=job.new_tokens,
-                            workload=job.workload, train=job.train, device="cpu",
-                            gradient_checkpointing=job.gradient_checkpointing)
-    return fits.estimate(fits_job, fits.load_model(str(model_dir)), quant)
+    return fits.estimate(job.fits_job("cpu"), fits.load_model(str(model_dir)), quant)
 
 
 @pytest.fixture(scope="module")
