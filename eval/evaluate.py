@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from quant import assets, checkpoint, data, models
+from quant.errors import ConfigError
 from quant.eval.perplexity import perplexity
 
 EVAL_FILE = "eval.json"
@@ -92,6 +93,52 @@ def evaluate_ppls(spec: str | None, datasets: list[str], seqlen: int = 512,
     return [results[d] for d in datasets]
 
 
+def evaluate_kl(spec: str | None, datasets: list[str], reference: str | None = None,
+                seqlen: int = 512, device: torch.device = torch.device("cpu"),
+                batch_size: int = 4, max_windows: int | None = None,
+                progress: bool = True, allow_pickle: bool = False) -> list[dict]:
+    """KL divergence of a checkpoint (or any model) from its fp `reference` (default: the
+    fp model the checkpoint was quantized from) on each data set's evaluation windows (the
+    first `max_windows` of them when given). A checkpoint's results go to its eval.json."""
+    from quant.eval.kl import kl_stats
+
+    for dataset in datasets:
+        data.check_eval_name(dataset)
+    source, quantized = locate(spec)
+    reference_dir = _kl_reference(source, quantized, reference)
+    model, tokenizer = load_model(source, quantized, device, allow_pickle)
+    fp_model, _ = load_model(reference_dir, False, device, allow_pickle)
+    results = []
+    for dataset in datasets:
+        started = time.time()
+        windows = data.eval_windows(dataset, tokenizer, seqlen)[:max_windows]
+        stats = kl_stats(model, fp_model, windows, batch_size, progress, desc=f"kl {dataset}")
+        result = {"model": spec or assets.DEFAULT_MODEL, "quantized": quantized, "metric": "kl",
+                  "dataset": dataset, "seqlen": seqlen, "windows": len(windows),
+                  "reference": str(reference or reference_dir), **stats,
+                  "device": str(device), "seconds": round(time.time() - started, 2)}
+        if quantized:
+            record(source, result)
+        results.append(result)
+    return results
+
+
+def _kl_reference(source: Path, quantized: bool, reference: str | None) -> Path:
+    """The fp model a KL is measured against: --reference, else the checkpoint's source."""
+    if reference is not None:
+        return locate(reference)[0]
+    recorded = fp_source(source) if quantized else None
+    if recorded is not None:
+        return recorded
+    if not quantized:
+        raise ConfigError(f"{source} is not a lowbit checkpoint, so there is no fp model to "
+                          "compare it with; pass --reference MODEL")
+    named = checkpoint.read_report(source).get("source") or "not recorded"
+    raise ConfigError(f"the fp model {source} was quantized from ({named}) is not on this "
+                      "machine; pass --reference MODEL (that model's directory, hub id or "
+                      "demo alias)")
+
+
 def expand_datasets(name: str) -> list[str]:
     """The data sets `--ppl NAME` evaluates: every demo domain for all-demo."""
     return data.demo_sets() if name == data.ALL_DEMO else [name]
@@ -143,6 +190,16 @@ def domain_table(rows: list[dict], geomean: float | None = None) -> str:
               f"{cell(r, 'ratio', 7)}" for r in rows]
     if geomean is not None:
         lines.append(f"{'geometric mean':<20} {'':>9} {'':>10} {geomean:7.3f}")
+    return "\n".join(lines)
+
+
+def kl_table(results: list[dict]) -> str:
+    """A text table of evaluate_kl's results, one row per data set."""
+    lines = [f"{'data set':<20} {'tokens':>7} {'KL mean':>8} {'KL p99':>8} {'top-1':>7} "
+             f"{'ppl':>9} {'ppl fp':>9}"]
+    lines += [f"{r['dataset']:<20} {r['tokens']:>7} {r['kl_mean']:8.4f} {r['kl_p99']:8.4f} "
+              f"{r['top1_agreement']:7.2%} {r['ppl']:9.3f} {r['ppl_reference']:9.3f}"
+              for r in results]
     return "\n".join(lines)
 
 

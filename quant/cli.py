@@ -151,7 +151,7 @@ def add_eval_args(p):
     from quant.eval.memory import TRAIN_MODES, WORKLOADS
 
     p.add_argument("model", help="checkpoint directory, local model or demo alias")
-    p.add_argument("--ppl", default="wiki-demo",
+    p.add_argument("--ppl", "--dataset", dest="ppl", default="wiki-demo",
                    help="a data set as for --calib, or all-demo: every demo domain's held-out "
                         "split, a table, and (for a checkpoint whose fp model is here) the "
                         "geometric mean of the ratios to fp")
@@ -160,6 +160,15 @@ def add_eval_args(p):
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--output", type=Path, help="also write the JSON result here")
     p.add_argument("--allow-pickle", action="store_true")
+    kl = p.add_argument_group("KL divergence (--kl: against the fp model instead of perplexity)")
+    kl.add_argument("--kl", action="store_true",
+                    help="per-token KL(fp || model) on the --dataset windows: mean, 99th "
+                         "percentile, top-1 agreement, and both perplexities")
+    kl.add_argument("--reference", metavar="MODEL",
+                    help="the fp model to compare with (default: the one the checkpoint was "
+                         "quantized from, as recorded in it)")
+    kl.add_argument("--windows", type=int, metavar="N",
+                    help="only the first N windows of each split (default all)")
     mem = p.add_argument_group("memory (--memory: measure instead of perplexity)")
     mem.add_argument("--memory", action="store_true",
                      help="measure the peak memory of one job, split into weights, KV cache, "
@@ -179,8 +188,9 @@ def add_eval_args(p):
 
 
 def run_eval(args) -> int:
-    from quant.eval.evaluate import (domain_table, evaluate_memory, evaluate_ppls,
-                                     expand_datasets, fp_source, locate, versus_fp)
+    from quant.eval.evaluate import (domain_table, evaluate_kl, evaluate_memory,
+                                     evaluate_ppls, expand_datasets, fp_source, kl_table,
+                                     locate, versus_fp)
     from quant.eval.memory import MemoryJob
     from quant.pipeline import resolve_device
 
@@ -194,8 +204,16 @@ def run_eval(args) -> int:
         return _print_result(result, args.output)
     if args.seqlen < 2 or args.batch_size < 1:
         raise LowbitError("--seqlen must be at least 2 and --batch-size at least 1")
+    if args.windows is not None and (args.windows < 1 or not args.kl):
+        raise LowbitError("--windows N (N >= 1) goes with --kl")
     datasets = expand_datasets(args.ppl)
     device = resolve_device(args.device)
+    if args.kl:
+        results = evaluate_kl(args.model, datasets, args.reference, args.seqlen, device,
+                              args.batch_size, args.windows, allow_pickle=args.allow_pickle)
+        print(kl_table(results), file=sys.stderr)
+        return _print_result(results[0] if len(results) == 1 else {"results": results},
+                             args.output)
     results = evaluate_ppls(args.model, datasets, args.seqlen, device, args.batch_size,
                             allow_pickle=args.allow_pickle)
     if len(datasets) == 1:
