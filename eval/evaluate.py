@@ -69,7 +69,7 @@ def evaluate_ppls(spec: str | None, datasets: list[str], seqlen: int = 512,
     results = {}
     if reuse_fp and not quantized:
         for dataset, path in cache.items():
-            earlier = _read_cached(path)
+            earlier = read_cached(path)
             if earlier is not None:
                 results[dataset] = {**earlier, "cached": True}
     todo = [d for d in datasets if d not in results]
@@ -227,12 +227,24 @@ def fp_cache_file(source: Path | str, dataset: str, seqlen: int, device: torch.d
     return assets.cache_dir() / "fp-eval" / f"{digest}.json"
 
 
-def _read_cached(path: Path) -> dict | None:
+def read_cached(path: Path) -> dict | None:
     try:
         result = json.loads(path.read_text())
         return result if isinstance(result, dict) and "ppl" in result else None
     except (OSError, ValueError):  # absent or damaged: measure again
         return None
+
+
+def recorded(directory: Path | None, metric: str) -> list[dict]:
+    """The results of `metric` recorded in a checkpoint's eval.json, oldest first."""
+    path = Path(directory) / EVAL_FILE if directory is not None else None
+    if path is None or not path.is_file():
+        return []
+    try:
+        results = json.loads(path.read_text())
+    except ValueError:
+        return []
+    return [r for r in results if isinstance(r, dict) and r.get("metric") == metric]
 
 
 def record(directory: Path, result: dict) -> None:

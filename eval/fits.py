@@ -26,6 +26,7 @@ import torch
 from quant import assets, checkpoint, models, recipes
 from quant.errors import ConfigError, LowbitError
 from quant.eval import schemes
+from quant.eval.evaluate import recorded
 from quant.eval.memory import TRAIN_MODES, WORKLOADS
 
 RUNTIMES = ("hf", "vllm", "llama.cpp")
@@ -370,19 +371,6 @@ def measured_overheads(directory: Path | None) -> tuple[int, float] | None:
         return None
     last = found[-1]
     return last["cuda_context_bytes"], last["reserved_peak_bytes"] / max(last["peak_bytes"], 1)
-
-
-def recorded(directory: Path | None, metric: str) -> list[dict]:
-    """The results of `metric` that quant eval recorded in a checkpoint's eval.json."""
-    from quant.eval.evaluate import EVAL_FILE
-
-    if directory is None or not (directory / EVAL_FILE).is_file():
-        return []
-    try:
-        results = json.loads((directory / EVAL_FILE).read_text())
-    except ValueError:
-        return []
-    return [r for r in results if isinstance(r, dict) and r.get("metric") == metric]
 
 
 # ---- questions: does it fit, how far, how fast -------------------------------------------
