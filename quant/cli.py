@@ -67,24 +67,37 @@ def method_options(args) -> dict:
             if getattr(args, name) is not None}
 
 
+def quantize_defaults() -> dict:
+    """The values of quantize's job options when neither the command line nor a recipe
+    sets them (their argparse defaults are None, so that a given option is recognisable)."""
+    from quant.data import ALL_DEMO, CalibConfig
+
+    return {"method": "rtn", "calib": CalibConfig.dataset, "seqlen": CalibConfig.seqlen,
+            "seed": CalibConfig.seed, "eval_ppl": ALL_DEMO}
+
+
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
-    from quant.data import ALL_DEMO, CalibConfig, known_sets
+    from quant.data import known_sets
     from quant.methods import METHODS
     from quant.pipeline import MATMUL_DTYPES
 
+    defaults = quantize_defaults()
     p.add_argument("model", nargs="?", help="demo alias (default smollm2-135m), local "
                    "directory, or hub id (when online)")
-    p.add_argument("--method", default="rtn", help=f"one of {', '.join(sorted(METHODS))} (default rtn)")
+    p.add_argument("--recipe", metavar="NAME", help="run a complete job from recipes/ (quant "
+                   "recipes lists them) or a .toml file; options given here override it")
+    p.add_argument("--method", help=f"one of {', '.join(sorted(METHODS))} "
+                   f"(default {defaults['method']})")
     add_method_args(p)
     calib = p.add_argument_group("calibration")
-    calib.add_argument("--calib", default=CalibConfig.dataset,
-                       help=f"{' | '.join(known_sets())} | self:N (N sequences the fp "
-                            "model samples) | PATH (.txt/.jsonl/.parquet); default mix-demo: "
-                            "every demo domain in equal parts")
+    calib.add_argument("--calib", help=f"{' | '.join(known_sets())} | self:N (N sequences the "
+                       "fp model samples) | PATH (.txt/.jsonl/.parquet); default "
+                       f"{defaults['calib']}: every demo domain in equal parts")
     calib.add_argument("--nsamples", type=int, default=None,
                        help="calibration windows (default: the method's, 128 for most)")
-    calib.add_argument("--seqlen", type=int, default=CalibConfig.seqlen)
-    calib.add_argument("--seed", type=int, default=CalibConfig.seed)
+    calib.add_argument("--seqlen", type=int, help=f"tokens per window (default "
+                       f"{defaults['seqlen']})")
+    calib.add_argument("--seed", type=int, help=f"default {defaults['seed']}")
     p.add_argument("--out", type=Path, default=None,
                    help="checkpoint directory (default ./MODEL-METHOD-BITSbit)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -98,30 +111,52 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="allow loading a pickle (.bin) source checkpoint")
     p.add_argument("--no-eval", action="store_true",
                    help="skip the perplexity of the fp and quantized models")
-    p.add_argument("--eval-ppl", default=ALL_DEMO, metavar="DATASET",
-                   help="where the run's perplexity is measured: all-demo (every demo "
-                        "domain's held-out split, with the geometric mean of the ratios to "
-                        "fp), or one data set as for --calib")
+    p.add_argument("--eval-ppl", metavar="DATASET",
+                   help="where the run's perplexity is measured: all-demo (the default: every "
+                        "demo domain's held-out split, with the geometric mean of the ratios "
+                        "to fp), or one data set as for --calib")
+
+
+JOB_SETTINGS = ("model", "method", "calib", "nsamples", "seqlen", "seed", "eval_ppl")
+
+
+def job_settings(args) -> tuple[dict, dict, dict | None]:
+    """(settings, method options, recipe record): the command line over the recipe over
+    the defaults. A recipe's method options apply only to its own method."""
+    from quant.recipes import find_recipe
+
+    given = {k: getattr(args, k) for k in JOB_SETTINGS if getattr(args, k) is not None}
+    options = method_options(args)
+    if not args.recipe:
+        return {**quantize_defaults(), **given}, options, None
+    recipe = find_recipe(args.recipe)
+    settings = {**quantize_defaults(), **recipe.settings(), **given}
+    own = recipe.options if settings["method"] == recipe.method else {}
+    overrides = {**given, **options}
+    return settings, {**own, **options}, {"name": recipe.name, "file": recipe.path,
+                                           "overrides": overrides}
 
 
 def run_quantize(args) -> int:
     from quant.data import CalibConfig, check_eval_name
     from quant.eval.evaluate import domain_table, evaluate_ppls, expand_datasets, versus_fp
+    from quant.eval.report import write_report
     from quant.info import describe, distill_line
     from quant.methods import make_method
     from quant.pipeline import QuantizeJob, quantize, resolve_device
 
-    options = method_options(args)
-    for dataset in expand_datasets(args.eval_ppl):
+    settings, options, recipe = job_settings(args)
+    for dataset in expand_datasets(settings["eval_ppl"]):
         check_eval_name(dataset)  # before the run, not after it
-    caution = make_method(args.method, **options).caution()  # bad options fail first
+    caution = make_method(settings["method"], **options).caution()  # bad options fail first
     if caution:
         print(f"note: {caution}", file=sys.stderr)
     job = QuantizeJob(
-        method=args.method, method_options=options, model=args.model,
-        calib=CalibConfig(args.calib, args.nsamples, args.seqlen, args.seed), out=args.out,
+        method=settings["method"], method_options=options, model=settings.get("model"),
+        calib=CalibConfig(settings["calib"], settings.get("nsamples"), settings["seqlen"],
+                          settings["seed"]), out=args.out,
         overwrite=args.overwrite, resume=args.resume, device=args.device,
-        matmul_dtype=args.matmul_dtype, allow_pickle=args.allow_pickle)
+        matmul_dtype=args.matmul_dtype, allow_pickle=args.allow_pickle, recipe=recipe)
     out = quantize(job)
     summary = describe(out)
     print(f"checkpoint: {out}  ({summary['quantized_layers']} layers, "
@@ -134,13 +169,17 @@ def run_quantize(args) -> int:
         print(distill_line(summary["distill"]))
     if not args.no_eval:
         device = resolve_device(args.device)
-        datasets = expand_datasets(args.eval_ppl)
+        datasets = expand_datasets(settings["eval_ppl"])
         comparison = versus_fp(out, evaluate_ppls(str(out), datasets, device=device),
-                               args.model, device=device)
+                               settings.get("model"), device=device)
         print(f"perplexity (seqlen {comparison['seqlen']}, held-out splits; fp measured once "
               "per model and data, then cached):")
         print(domain_table(comparison["rows"], comparison["geomean_ratio"]
                            if len(datasets) > 1 else None))
+        report, notes = write_report([out], out)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(f"report: {report}")
     print(f"load it with: quant.load({str(out)!r})")
     return 0
 
@@ -330,6 +369,43 @@ def run_fits(args) -> int:
     return 0
 
 
+def add_report_args(p):
+    p.add_argument("directories", type=Path, nargs="+", metavar="DIR",
+                   help="lowbit checkpoints with eval results (quantize's, or quant eval's)")
+    p.add_argument("--out", type=Path, help="report directory (default: the checkpoint for "
+                   "one DIR, ./lowbit-report for several)")
+
+
+def run_report(args) -> int:
+    from quant.eval.report import write_report
+
+    out = args.out or (args.directories[0] if len(args.directories) == 1
+                       else Path("lowbit-report"))
+    path, notes = write_report(args.directories, out)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"report: {path}")
+    return 0
+
+
+def add_recipes_args(p):
+    p.add_argument("--json", action="store_true", help="print the recipes as JSON")
+
+
+def run_recipes(args) -> int:
+    from quant.recipes import job_recipes
+
+    recipes = job_recipes()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in recipes.values()], indent=2))
+        return 0
+    width = max(len(name) for name in recipes)
+    for name, recipe in recipes.items():
+        print(f"{name:<{width}}  {recipe.description}")
+    print("\nrun one with: quantize --recipe NAME [MODEL] [options that override it]")
+    return 0
+
+
 def add_export_args(p):
     p.add_argument("directory", type=Path, help="lowbit checkpoint directory")
     p.add_argument("out", type=Path, help="directory to write")
@@ -355,7 +431,11 @@ COMMANDS = {
              "model (JSON)"),
     "fits": (add_fits_args, run_fits, "will a model fit a GPU: memory by part, the largest "
              "context and batch, decode speed"),
+    "report": (add_report_args, run_report, "Markdown and plots of checkpoints' eval results "
+               "(quality against bits, error per layer, memory)"),
     "info": (add_info_args, run_info, "per-layer formats, bits per weight and size"),
+    "recipes": (add_recipes_args, run_recipes, "the shipped quantization recipes (quantize "
+                "--recipe NAME)"),
     "export": (add_export_args, run_export, "rewrite a uniform checkpoint for another runtime"),
 }
 

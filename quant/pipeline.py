@@ -51,6 +51,7 @@ class QuantizeJob:
     allow_pickle: bool = False
     batch_tokens: int = 8192  # calibration tokens per block forward
     progress: bool = True
+    recipe: dict | None = None  # {name, file, overrides} when run from a recipe (the report)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -192,7 +193,8 @@ def quantize(job: QuantizeJob) -> Path:
                "method": job.method, "options": dataclasses.asdict(run.method.config),
                "device": str(run.device), "matmul_dtype": str(run.matmuls).removeprefix("torch."),
                "quantize_seconds": round(time.time() - started, 2),
-               "block_seconds": block_seconds, **distilled}
+               "block_seconds": block_seconds, **distilled,
+               **({"recipe": job.recipe} if job.recipe else {})}
     write_checkpoint(staging, model, tokenizer, run, quant_config, layers, summary)
     return run.out
 

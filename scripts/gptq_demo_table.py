@@ -1,5 +1,6 @@
 """Reproduce the GPTQ quality table on the demo model (wiki-demo protocol: 128 x 512
 calibration windows, seed 0, asymmetric, group 64): perplexity and quantize time per row.
+Each row is a recipe (recipes/demo-*.toml) run with the table's calibration.
 
     python scripts/gptq_demo_table.py [--rows 4-off 4-act 3-off ...] [--out benchmarks/...]
 """
@@ -13,14 +14,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROWS = {  # name: (method, options)
-    "4-off": ("gptq", {"bits": 4, "act_order": False}), "4-act": ("gptq", {"bits": 4, "act_order": True}),
-    "4-static": ("gptq", {"bits": 4, "act_order": True, "static_groups": True}),
-    "3-off": ("gptq", {"bits": 3, "act_order": False}), "3-act": ("gptq", {"bits": 3, "act_order": True}),
-    "3-static": ("gptq", {"bits": 3, "act_order": True, "static_groups": True}),
-    "2-act": ("gptq", {"bits": 2, "act_order": True}), "2-off": ("gptq", {"bits": 2, "act_order": False}),
-    "rtn-4": ("rtn", {"bits": 4}), "rtn-3": ("rtn", {"bits": 3}), "rtn-2": ("rtn", {"bits": 2}),
+ROWS = {  # table row: the recipe it runs (recipes/NAME.toml)
+    "4-off": "demo-gptq4-noact", "4-act": "demo-gptq4", "4-static": "demo-gptq4-static",
+    "3-off": "demo-gptq3-noact", "3-act": "demo-gptq3", "3-static": "demo-gptq3-static",
+    "2-act": "demo-gptq2", "2-off": "demo-gptq2-noact",
+    "rtn-4": "demo-rtn4", "rtn-3": "demo-rtn3", "rtn-2": "demo-rtn2",
 }
+# The table's protocol, the same for every row: wiki-demo calibration and evaluation.
+PROTOCOL = {"dataset": "wiki-demo", "nsamples": 128, "seqlen": 512, "seed": 0}
 
 
 def run_row(name: str, workdir: Path) -> dict:
@@ -29,15 +30,18 @@ def run_row(name: str, workdir: Path) -> dict:
     from quant.data import CalibConfig
     from quant.eval.evaluate import evaluate_ppl
     from quant.pipeline import QuantizeJob, quantize
+    from quant.recipes import find_recipe
 
-    method, options = ROWS[name]
-    out = quantize(QuantizeJob(method, {**options, "group_size": 64}, None,
-                               CalibConfig("wiki-demo", 128, 512, 0), workdir / name,
-                               overwrite=True))
+    recipe = find_recipe(ROWS[name])
+    out = quantize(QuantizeJob(recipe.method, recipe.options, recipe.model,
+                               CalibConfig(**PROTOCOL), workdir / name, overwrite=True,
+                               recipe={"name": recipe.name, "file": recipe.path,
+                                       "overrides": {"calibration": PROTOCOL}}))
     report = json.loads((out / "quant_report.json").read_text())
     result = evaluate_ppl(str(out), device=torch.device("cpu"))
-    return {"row": name, "method": method, "options": {**options, "group_size": 64},
-            "ppl": result["ppl"], "bits_per_weight": report["totals"]["bits_per_weight"],
+    return {"row": name, "recipe": recipe.name, "method": recipe.method,
+            "options": recipe.options, "ppl": result["ppl"],
+            "bits_per_weight": report["totals"]["bits_per_weight"],
             "quantize_seconds": report["quantize_seconds"]}
 
 
