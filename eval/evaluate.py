@@ -81,7 +81,8 @@ def evaluate_ppls(spec: str | None, datasets: list[str], seqlen: int = 512,
         ppl = perplexity(model, windows, batch_size=batch_size, progress=progress,
                          desc=f"perplexity {dataset}")
         result = {"model": spec or assets.DEFAULT_MODEL, "quantized": quantized,
-                  "metric": "perplexity", "dataset": dataset, "seqlen": seqlen,
+                  "metric": "perplexity", "dataset": dataset,
+                  "text_sha256": data.text_sha256(dataset), "seqlen": seqlen,
                   "windows": len(windows), "ppl": ppl, "device": str(device),
                   "seconds": round(time.time() - started, 2)}
         if quantized:
@@ -114,7 +115,8 @@ def evaluate_kl(spec: str | None, datasets: list[str], reference: str | None = N
         windows = data.eval_windows(dataset, tokenizer, seqlen)[:max_windows]
         stats = kl_stats(model, fp_model, windows, batch_size, progress, desc=f"kl {dataset}")
         result = {"model": spec or assets.DEFAULT_MODEL, "quantized": quantized, "metric": "kl",
-                  "dataset": dataset, "seqlen": seqlen, "windows": len(windows),
+                  "dataset": dataset, "text_sha256": data.text_sha256(dataset),
+                  "seqlen": seqlen, "windows": len(windows),
                   "reference": str(reference or reference_dir), **stats,
                   "device": str(device), "seconds": round(time.time() - started, 2)}
         if quantized:
@@ -205,8 +207,8 @@ def kl_table(results: list[dict]) -> str:
 
 def fp_cache_file(source: Path | str, dataset: str, seqlen: int, device: torch.device) -> Path:
     """Where the fp result for these conditions is kept: named by a hash of the files of
-    the model directory `source` (name, size, modification time), the data set (a local
-    file's too), the window length, the device type (fp32 on CPU, fp16 on GPU), the library
+    the model directory `source` (name, size, modification time), the data set and a hash
+    of its text, the window length, the device type (fp32 on CPU, fp16 on GPU), the library
     versions and the code that makes the windows and the perplexity (an edited checkout
     measures again)."""
     import transformers
@@ -218,7 +220,7 @@ def fp_cache_file(source: Path | str, dataset: str, seqlen: int, device: torch.d
         return [path.name, path.stat().st_size, path.stat().st_mtime_ns]
 
     key = {"files": [stat(p) for p in sorted(Path(source).iterdir()) if p.is_file()],
-           "dataset": [dataset, *(stat(Path(dataset)) if Path(dataset).is_file() else [])],
+           "dataset": [dataset, data.text_sha256(dataset)],
            "seqlen": seqlen, "device": torch.device(device).type,
            "versions": [torch.__version__, transformers.__version__, version()],
            "code": [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest()

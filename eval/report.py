@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from quant import checkpoint
-from quant.errors import ConfigError, DataError
+from quant.errors import ConfigError, DataError, LowbitError
 from quant.eval.evaluate import read_cached, fp_cache_file, fp_source, recorded
 
 REPORT_FILE = "report.md"
@@ -92,7 +92,10 @@ def perplexity_rows(results: list[dict], directory: Path | None = None) -> list[
 def cached_fp(source: Path, dataset: str, seqlen: int, device: str) -> float | None:
     import torch
 
-    path = fp_cache_file(source, dataset, seqlen, torch.device(device))
+    try:
+        path = fp_cache_file(source, dataset, seqlen, torch.device(device))
+    except LowbitError:  # the text is no longer readable here: no baseline to show
+        return None
     cached = read_cached(path)
     return cached["ppl"] if cached else None
 

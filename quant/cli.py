@@ -91,8 +91,10 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     add_method_args(p)
     calib = p.add_argument_group("calibration")
     calib.add_argument("--calib", help=f"{' | '.join(known_sets())} | self:N (N sequences the "
-                       "fp model samples) | PATH (.txt/.jsonl/.parquet); default "
-                       f"{defaults['calib']}: every demo domain in equal parts")
+                       "fp model samples) | PATH (.txt/.jsonl/.parquet) | a datasets name as "
+                       "NAME:CONFIG:SPLIT (NAME::SPLIT, NAME:CONFIG: train) | a dataset folder "
+                       f"(save_to_disk or data files); default {defaults['calib']}: every "
+                       "demo domain in equal parts")
     calib.add_argument("--nsamples", type=int, default=None,
                        help="calibration windows (default: the method's, 128 for most)")
     calib.add_argument("--seqlen", type=int, help=f"tokens per window (default "
@@ -191,9 +193,10 @@ def add_eval_args(p):
 
     p.add_argument("model", help="checkpoint directory, local model or demo alias")
     p.add_argument("--ppl", "--dataset", dest="ppl", default="wiki-demo",
-                   help="a data set as for --calib, or all-demo: every demo domain's held-out "
-                        "split, a table, and (for a checkpoint whose fp model is here) the "
-                        "geometric mean of the ratios to fp")
+                   help="a data set as for --calib (a datasets name without a split: its "
+                        "test, else validation split), or all-demo: every demo domain's "
+                        "held-out split, a table, and (for a checkpoint whose fp model is "
+                        "here) the geometric mean of the ratios to fp")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")

@@ -9,6 +9,8 @@ offline set whose protocol tests and issues quote numbers in; it must not change
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,15 +81,42 @@ def self_count(name: str) -> int | None:
 
 
 def check_dataset_name(name: str) -> None:
-    if name in known_sets() or self_count(name) is not None:
+    if name in known_sets() or self_count(name) is not None or hub_spec(name) is not None:
         return
     path = Path(name).expanduser()
+    if path.is_dir():
+        return
     if path.suffix.lower() not in LOCAL_SUFFIXES:
         raise ConfigError(
-            f"unknown data set {name!r}: use one of {', '.join(known_sets())}, self:N "
-            f"or a file ending in {', '.join(LOCAL_SUFFIXES)}")
+            f"unknown data set {name!r}: use one of {', '.join(known_sets())}, self:N, "
+            f"a datasets name as {HUB_FORM}, a dataset folder, or a file ending in "
+            f"{', '.join(LOCAL_SUFFIXES)}")
     if not path.is_file():
         raise DataError(f"data file {name} does not exist")
+
+
+HUB_FORM = "NAME:CONFIG:SPLIT"  # e.g. wikitext:wikitext-2-raw-v1:test; NAME::SPLIT, NAME:CONFIG
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    """A `datasets` data set: a hub name or local folder, a config, a split."""
+
+    path: str
+    config: str | None
+    split: str | None
+
+
+def hub_spec(name: str) -> HubSpec | None:
+    """The parts of a NAME:CONFIG:SPLIT data set name, or None for other names."""
+    if ":" not in name or name.startswith(SELF_PREFIX):
+        return None
+    parts = name.split(":")
+    if len(parts) > 3 or not parts[0] or not any(parts[1:]):
+        raise ConfigError(f"data set {name!r}: write a datasets name as {HUB_FORM}, "
+                          "NAME::SPLIT or NAME:CONFIG")
+    path, config, split = (parts + [""])[:3]
+    return HubSpec(path, config or None, split or None)
 
 
 def check_eval_name(name: str) -> None:
@@ -138,13 +167,13 @@ def _local_text(path: Path) -> str:
 
 
 def _hub_texts(name: str) -> tuple[str, str | None]:
-    """(calibration text, evaluation text or None) of a hub data set."""
+    """(calibration text, evaluation text or None) of a named hub data set."""
     from datasets import load_dataset
 
     try:
         if name == "wikitext2":
             ds = load_dataset("wikitext", "wikitext-2-raw-v1")
-            return "\n\n".join(ds["train"]["text"]), "\n\n".join(ds["test"]["text"])
+            return _joined(ds["train"], name), _joined(ds["test"], name)
         if name == "c4":
             files = {"train": "en/c4-train.00000-of-01024.json.gz",
                      "validation": "en/c4-validation.00000-of-00008.json.gz"}
@@ -153,9 +182,67 @@ def _hub_texts(name: str) -> tuple[str, str | None]:
                     "\n\n".join(ds["validation"][:1100]["text"]))
         ds = load_dataset("togethercomputer/RedPajama-Data-1T-Sample", split="train")
         return "\n\n".join(ds[:20000]["text"]), None
+    except DataError:
+        raise
     except Exception as exc:
         raise DataError(f"could not load data set {name} from the hub (offline?): "
                         f"{str(exc).splitlines()[0][:160]}; use wiki-demo or a local file") from None
+
+
+@functools.lru_cache(maxsize=4)  # an evaluation reads the text twice: windows and its hash
+def _dataset_texts(name: str) -> tuple[str, str | None]:
+    """(calibration text, evaluation text or None) of a NAME:CONFIG:SPLIT name or a dataset
+    folder: with a split, that split for both; else train (or the first split) to
+    calibrate and test (or validation) to evaluate."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    spec = hub_spec(name) or HubSpec(name, None, None)
+    folder = Path(spec.path).expanduser()
+    try:
+        if folder.is_dir() and any((folder / f).is_file() for f in SAVED_MARKERS):
+            ds = load_from_disk(str(folder))
+            ds = ds[spec.split] if spec.split and isinstance(ds, DatasetDict) else ds
+        else:
+            ds = load_dataset(str(folder) if folder.is_dir() else spec.path, spec.config,
+                              split=spec.split)
+    except Exception as exc:
+        where = "" if folder.is_dir() else " (a hub name needs a connection or the cache)"
+        raise DataError(f"could not load data set {name}{where}: "
+                        f"{str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(ds, DatasetDict):
+        text = _joined(ds, name)
+        return text, text
+    calib = "train" if "train" in ds else next(iter(ds))
+    held_out = next((s for s in ("test", "validation") if s in ds), None)
+    return _joined(ds[calib], name), held_out and _joined(ds[held_out], name)
+
+
+SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what Dataset(Dict).save_to_disk writes
+
+
+def _joined(ds, name: str) -> str:
+    """The GPTQ protocol's text: every row's text joined with a blank line (empty rows
+    too, as GPTQ joins wikitext)."""
+    if "text" not in ds.column_names:
+        raise DataError(f"data set {name} has no 'text' column (columns: "
+                        f"{', '.join(ds.column_names)})")
+    return "\n\n".join(t for t in ds["text"] if t is not None)
+
+
+def text_sha256(name: str) -> str:
+    """sha256 of the text a data set's evaluation split is cut from: the demo file (its
+    tail is held out by tokens), or the evaluation text itself."""
+    if name in assets.TEXTS:
+        return hashlib.sha256(assets.text_path(name).read_bytes()).hexdigest()
+    if name == "mix-demo":
+        return hashlib.sha256("".join(text_sha256(n) for n in MIX_DEMO).encode()).hexdigest()
+    if name in HUB_SETS:
+        text = _hub_texts(name)[1] or ""
+    elif hub_spec(name) is not None or Path(name).expanduser().is_dir():
+        text = _dataset_texts(name)[1] or ""
+    else:
+        text = _local_text(Path(name).expanduser())
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # ---- tokens ----------------------------------------------------------------------------
@@ -181,6 +268,9 @@ def token_splits(name: str, tokenizer) -> tuple[torch.Tensor, torch.Tensor | Non
         return encode(tokenizer, calib), None if evaluation is None else encode(tokenizer, evaluation)
     if name == "mix-demo":
         raise ConfigError("mix-demo has no single token pool (it mixes the demo domains)")
+    if hub_spec(name) is not None or Path(name).expanduser().is_dir():
+        calib, evaluation = _dataset_texts(name)
+        return encode(tokenizer, calib), None if evaluation is None else encode(tokenizer, evaluation)
     ids = encode(tokenizer, _local_text(Path(name).expanduser()))
     return ids, ids
 
@@ -302,8 +392,8 @@ def eval_windows(name: str, tokenizer, seqlen: int) -> torch.Tensor:
         return torch.cat([eval_windows(n, tokenizer, seqlen) for n in MIX_DEMO])
     _, ids = token_splits(name, tokenizer)
     if ids is None:
-        raise DataError(f"data set {name} has no evaluation split; use a demo set, "
-                        "wikitext2, c4 or a local file")
+        raise DataError(f"data set {name} has no evaluation split; name one "
+                        f"({HUB_FORM}), or use a demo set, wikitext2, c4 or a local file")
     n = len(ids) // seqlen
     if n == 0:
         raise DataError(f"evaluation text {name} has {len(ids)} tokens, fewer than one window "

@@ -183,3 +183,72 @@ def test_self_generated_calibration(tiny_dir):
     assert picked.log().mean() > probs.max(-1).values.log().mean() - 3.0
     with pytest.raises(ConfigError, match="it needs the model"):
         data.calibration_windows(cfg, tokenizer)
+
+
+def _texts(prefix, n):
+    return [f"{prefix} row {i}: weights, scales and zero points." * (1 + i % 3) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def dataset_folders(tmp_path_factory):
+    """A datasets folder with two configs declared in its README (the layout hub data sets
+    use), and a DatasetDict saved with save_to_disk."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("datasets")
+    hub = root / "hubstyle"
+    for config in ("small", "other"):
+        for split in ("train", "test"):
+            (hub / config).mkdir(parents=True, exist_ok=True)
+            datasets.Dataset.from_dict({"text": _texts(f"{config} {split}", 40),
+                                        "id": list(range(40))}).to_parquet(
+                str(hub / config / f"{split}.parquet"))
+    (hub / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.parquet\n"
+        f"  - split: test\n    path: {c}/test.parquet\n" for c in ("small", "other")) + "---\n")
+    saved = root / "saved"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": _texts("saved train", 40)}),
+        "validation": datasets.Dataset.from_dict({"text": _texts("saved validation", 40)}),
+    }).save_to_disk(str(saved))
+    return hub, saved
+
+
+def test_datasets_names_with_config_and_split(dataset_folders, demo_tokenizer):
+    """NAME:CONFIG:SPLIT and dataset folders follow the GPTQ protocol: the split's rows
+    joined with a blank line, tokenized as the tokenizer does (BOS where it adds one),
+    cut into non-overlapping windows; the result names the text by its sha256."""
+    import hashlib
+
+    hub, saved = dataset_folders
+    cases = {f"{hub}:other:test": ("other test", "other test"),
+             f"{hub}:small": ("small train", "small test"),       # train to calibrate, test to eval
+             f"{saved}": ("saved train", "saved validation"),
+             f"{saved}::train": ("saved train", "saved train")}
+    for name, (calib_prefix, eval_prefix) in cases.items():
+        data.check_eval_name(name)
+        pool, held_out = data.token_splits(name, demo_tokenizer)
+        for ids, prefix in ((pool, calib_prefix), (held_out, eval_prefix)):
+            joined = "\n\n".join(_texts(prefix, 40))
+            assert ids.tolist() == demo_tokenizer(joined)["input_ids"], name
+        joined = "\n\n".join(_texts(eval_prefix, 40))
+        assert data.text_sha256(name) == hashlib.sha256(joined.encode()).hexdigest()
+        windows = data.eval_windows(name, demo_tokenizer, 64)
+        assert windows.shape == (len(held_out) // 64, 64)
+        assert torch.equal(windows.flatten(), held_out[: windows.numel()])
+
+
+def test_bad_datasets_names(dataset_folders, tmp_path):
+    hub, _ = dataset_folders
+    for name in ("a:b:c:d", ":test", "wikitext:"):
+        with pytest.raises(ConfigError, match="NAME:CONFIG:SPLIT"):
+            data.check_dataset_name(name)
+    with pytest.raises(DataError, match="could not load data set .*nope"):
+        data.token_splits(f"{hub}:nope:test", None)
+    with pytest.raises(DataError, match="needs a connection or the cache"):
+        data.token_splits("no-such-org/no-such-set::test", None)
+    import datasets
+
+    datasets.Dataset.from_dict({"body": ["x"] * 3}).save_to_disk(str(tmp_path / "nocol"))
+    with pytest.raises(DataError, match="no 'text' column .*body"):
+        data.token_splits(str(tmp_path / "nocol"), None)

@@ -1,6 +1,7 @@
 """KL divergence to the fp model: streamed statistics against a float64 computation on the
 whole set, zero for a model against itself, and ordered by bits on the demo model."""
 
+import hashlib
 import json
 import math
 import shutil
@@ -91,6 +92,10 @@ def test_cli_records_and_refuses_without_a_reference(tiny_int3, tiny_dir, tmp_pa
     assert code == 0, err
     result = json.loads(out)
     assert result["metric"] == "kl" and result["dataset"] == "code-demo"
+    from quant import assets  # the record names its text by the file's hash
+
+    assert result["text_sha256"] == hashlib.sha256(
+        assets.text_path("code-demo").read_bytes()).hexdigest()
     assert result in json.loads((tiny_int3 / "eval.json").read_text())
     assert "KL mean" in err
 
