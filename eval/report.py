@@ -328,7 +328,8 @@ def plot_memory(checkpoints: list[dict], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("MiB at the measured peak")
     ax.set_title("Measured memory by part")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=6,
+              frameon=False)
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

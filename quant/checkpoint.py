@@ -160,16 +160,42 @@ def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 # ---- the output directory and the unfinished run ----------------------------------------
 
+OUTPUT_MARKER = ".lowbit-output"  # in every directory lowbit writes that is not a checkpoint
+
+
+def ours(directory: Path) -> bool:
+    """A directory lowbit wrote (a checkpoint, or an export), which --overwrite may replace."""
+    return is_lowbit_checkpoint(directory) or (Path(directory) / OUTPUT_MARKER).is_file()
+
+
+def check_replaceable(out: Path, overwrite: bool, flag: str = "--out") -> None:
+    """Raise ConfigError unless `out` is free, or asked to be replaced and replaceable:
+    --overwrite replaces only what lowbit wrote (or an empty directory), never the user's."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory; choose another {flag}")
+    if not overwrite:
+        raise ConfigError(f"output directory {out} already exists; pass --overwrite to replace "
+                          f"it or choose another {flag}")
+    if not ours(out) and any(out.iterdir()):
+        raise ConfigError(f"{out} is not a lowbit checkpoint or export, and --overwrite replaces "
+                          f"only those (nothing of yours is deleted); choose another {flag} or "
+                          "empty it yourself")
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, overwrite: bool = False):
-    """Yield an empty sibling directory that replaces `out` only if the block succeeds."""
+    """Yield an empty sibling directory (marked as ours) that replaces `out` only if the
+    block succeeds."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"output directory {out} already exists; pass --overwrite to replace "
-                          "it or choose another path")
+    check_replaceable(out, overwrite)
     tmp = out.parent / f".{out.name}.lowbit-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    (tmp / OUTPUT_MARKER).write_text("written by lowbit; quant export --overwrite may replace "
+                                     "this directory\n")
     try:
         yield tmp
         if out.exists():

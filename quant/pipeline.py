@@ -99,10 +99,11 @@ def default_out(model_spec: str | None, method: Method) -> Path:
 
 
 def check_output(out: Path, overwrite: bool, explicit: bool) -> None:
-    """Refuse to replace an existing directory unless asked (or it is our own auto-named one)."""
-    if out.exists() and not overwrite and (explicit or not checkpoint.is_lowbit_checkpoint(out)):
-        raise ConfigError(f"output directory {out} already exists; pass --overwrite to replace "
-                          "it or choose another --out")
+    """Refuse to replace an existing directory unless asked and it is ours; an auto-named
+    one that is a lowbit checkpoint is replaced without asking."""
+    if not explicit and checkpoint.is_lowbit_checkpoint(out):
+        return
+    checkpoint.check_replaceable(out, overwrite)
 
 
 @dataclass

@@ -76,6 +76,39 @@ def test_output_exists(work, tiny_dir):
     assert (work / "out" / "mine.txt").read_text() == "keep me"
 
 
+def test_overwrite_replaces_only_what_lowbit_wrote(work, small_ckpt, tiny_dir, capsys):
+    """--overwrite never deletes a directory of the user's; it replaces our checkpoints
+    and exports, and an empty directory."""
+    from quant.cli import main, quantize_main
+
+    def refused(code):
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        return err
+
+    mine = work / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep me")
+    quick = [str(tiny_dir), "--no-eval", "--nsamples", "2", "--seqlen", "32", "--overwrite"]
+    assert "is not a lowbit checkpoint or export" in refused(
+        quantize_main([*quick, "--out", str(mine)]))
+    assert "is not a lowbit checkpoint or export" in refused(
+        main(["export", str(small_ckpt), str(mine), "--format", "gptq", "--overwrite"]))
+    assert (mine / "thesis.tex").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    assert "is not a directory" in refused(
+        quantize_main([*quick, "--out", str(mine / "thesis.tex")]))
+
+    exported = work / "exported"
+    for _ in range(2):  # an export of ours is replaced by the next one
+        assert main(["export", str(small_ckpt), str(exported), "--format", "gptq",
+                     "--overwrite"]) == 0
+    (work / "empty").mkdir()
+    for out in (work / "empty", work / "ckpt"):  # an empty directory; then our checkpoint
+        assert quantize_main([*quick, "--out", str(out)]) == 0
+    assert quantize_main([*quick, "--out", str(work / "ckpt")]) == 0
+    assert (work / "ckpt" / "model.safetensors").is_file()
+
+
 def test_pickle_source_refused_unless_opted_in(work, tiny_dir):
     src = work / "src"
     shutil.copytree(tiny_dir, src)
