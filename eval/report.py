@@ -54,7 +54,8 @@ def collect(directory: Path) -> dict:
             "kl": [{k: r[k] for k in ("dataset", "seqlen", "tokens", "kl_mean", "kl_p99",
                                       "top1_agreement", "ppl", "ppl_reference")}
                    for r in _latest(kl, ("dataset", "seqlen"))],
-            "memory": [memory_row(r) for r in _latest(memory, ("job", "device"))],
+            "memory": [memory_row(r) for r in _latest(memory, ("job", "device"))]
+            or [predicted_memory(directory)],
             "layers": [{"name": layer["name"], "scheme": layer["scheme"],
                         "bits_per_weight": layer["bits_per_weight"],
                         "rel_output_mse": layer.get("rel_output_mse")}
@@ -118,9 +119,26 @@ def memory_row(r: dict) -> dict:
     job = r.get("job", {})
     label = f"{job.get('train') or job.get('workload', 'generate')}, context " \
             f"{job.get('context')}, batch {job.get('batch')}"
-    return {"job": label, "device": r.get("device"), "peak_bytes": r["peak_bytes"],
+    return {"source": "measured", "job": label, "device": r.get("device"),
+            "peak_bytes": r["peak_bytes"],
             "breakdown": {k: r["breakdown"].get(k, 0) for k in MEMORY_PARTS},
             "predicted_bytes": r.get("predicted", {}).get("peak_bytes")}
+
+
+PREDICTED_CONTEXT = 4096  # quant fits' default prompt, for a checkpoint never measured
+
+
+def predicted_memory(directory: Path) -> dict:
+    """`quant fits`' breakdown (arithmetic from the plan and config, no measurement) of
+    generating from the checkpoint with a PREDICTED_CONTEXT-token prompt on a GPU."""
+    from quant.eval import fits
+
+    job = fits.FitsJob(model=str(directory), context=PREDICTED_CONTEXT)
+    result = fits.estimate(job, fits.load_model(str(directory)), None)
+    return {"source": "quant fits", "job": f"generate, context {job.context}, batch {job.batch}",
+            "device": "cuda", "peak_bytes": result["total_bytes"],
+            "breakdown": {k: result["breakdown"].get(k, 0) for k in MEMORY_PARTS},
+            "predicted_bytes": None}
 
 
 # ---- Markdown --------------------------------------------------------------------------
@@ -170,10 +188,11 @@ def _checkpoint_section(c: dict) -> list[str]:
                   f"{r['kl_p99']:.4f} | {r['top1_agreement']:.4f} | {r['ppl']:.3f} | "
                   f"{r['ppl_reference']:.3f} |" for r in c["kl"]]
     if c["memory"]:
-        lines += ["", "| memory job | device | peak (MiB) | " + " | ".join(
+        lines += ["", "| memory job | source | device | peak (MiB) | " + " | ".join(
             f"{p} (MiB)" for p in MEMORY_PARTS) + " | quant fits predicted (MiB) |",
-            "|---|---|---|" + "---|" * (len(MEMORY_PARTS) + 1)]
-        lines += [f"| {r['job']} | {r['device']} | {r['peak_bytes'] / MIB:.1f} | " + " | ".join(
+            "|---|---|---|---|" + "---|" * (len(MEMORY_PARTS) + 1)]
+        lines += [f"| {r['job']} | {r['source']} | {r['device']} | {r['peak_bytes'] / MIB:.1f} | "
+                  + " | ".join(
             f"{r['breakdown'][p] / MIB:.1f}" for p in MEMORY_PARTS) +
             f" | {_num(r['predicted_bytes'] and r['predicted_bytes'] / MIB, '.1f')} |"
             for r in c["memory"]]
@@ -308,10 +327,11 @@ def _block_ticks(ax, names: list[str]) -> None:
 
 
 def plot_memory(checkpoints: list[dict], path: Path) -> None:
-    """Stacked bars of the measured memory breakdown of each checkpoint and job."""
+    """Stacked bars of the memory breakdown of each checkpoint and job: measured, or
+    predicted by quant fits for a checkpoint never measured."""
     plt = _pyplot()
-    bars = [(f"{c['name']}\n{r['job']} ({r['device']})", r) for c in checkpoints
-            for r in c["memory"]]
+    bars = [(f"{c['name']}\n{r['job']} ({r['device']}, {r['source']})", r)
+            for c in checkpoints for r in c["memory"]]
     fig, ax = plt.subplots(figsize=(10, max(3.5, 1.5 + 0.7 * len(bars))))
     left = [0.0] * len(bars)
     for part in MEMORY_PARTS:
@@ -326,8 +346,8 @@ def plot_memory(checkpoints: list[dict], path: Path) -> None:
                    color="k", zorder=3, label="quant fits predicted peak")
     ax.set_yticks(range(len(bars)), [label for label, _ in bars], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("MiB at the measured peak")
-    ax.set_title("Measured memory by part")
+    ax.set_xlabel("MiB at the peak")
+    ax.set_title("Memory by part (measured, or predicted by quant fits where not measured)")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=6,
               frameon=False)
     ax.grid(True, axis="x", alpha=0.3)

@@ -87,14 +87,22 @@ def test_markdown_numbers_are_the_json_numbers_and_plots_are_pngs(evaluated, tmp
             _, seqlen, fp, quantized, ratio = rows[want["dataset"]]
             assert (int(seqlen), float(fp), float(quantized), float(ratio)) == (
                 128, round(want["fp"], 3), round(want["quantized"], 3), round(want["ratio"], 3))
-    first = text.split(f"## {evaluated[0].name}\n")[1]
+    first = text.split(f"## {evaluated[0].name}\n")[1].split("\n## ")[0]
     kl = [r for r in json.loads((evaluated[0] / "eval.json").read_text()) if r["metric"] == "kl"]
     (row,) = table_rows(first, "| data set | seqlen | tokens")
     assert float(row[3]) == round(kl[0]["kl_mean"], 4) and int(row[2]) == kl[0]["tokens"]
     memory = [r for r in json.loads((evaluated[0] / "eval.json").read_text())
               if r["metric"] == "memory"][0]
     (row,) = table_rows(first, "| memory job |")
-    assert float(row[2]) == round(memory["peak_bytes"] / 2**20, 1)
+    assert row[1] == "measured" and float(row[3]) == round(memory["peak_bytes"] / 2**20, 1)
+    # a checkpoint never measured shows what `quant fits DIR` answers for its default job
+    from quant.eval import fits
+
+    second = text.split(f"## {evaluated[1].name}\n")[1].split("\n## ")[0]
+    (row,) = table_rows(second, "| memory job |")
+    answer = fits.fits(fits.FitsJob(model=str(evaluated[1])))["results"][0]
+    assert row[1] == "quant fits" and float(row[3]) == round(answer["total_bytes"] / 2**20, 1)
+    assert float(row[4]) == round(answer["breakdown"]["weights"] / 2**20, 1)
 
     images = sorted(p.name for p in path.parent.glob("*.png"))
     assert images == sorted(["ppl_vs_bpw.png", "memory.png",
